@@ -1,0 +1,124 @@
+"""Backends by name, each built once per process and shared by every run.
+
+``get_executor("shapeworld")`` returns the same object on every call with the same options, so a
+second run in the same process loads nothing. Factories import their heavy dependencies lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any, Callable
+
+from clvr_agent.tools.base import Controller, Executor
+
+
+class UnknownBackendError(ValueError):
+    """The name is not a registered backend; the message lists the known ones."""
+
+
+_EXECUTORS: dict[str, Callable[..., Executor]] = {}
+_CONTROLLERS: dict[str, Callable[..., Controller]] = {}
+_CACHE: dict[tuple, Any] = {}
+_LOCK = threading.Lock()
+# How many times each backend was actually constructed in this process (the `loads` bench reads it).
+LOAD_COUNTS: dict[str, int] = {}
+
+
+def register_executor(name: str, factory: Callable[..., Executor]) -> None:
+    _EXECUTORS[name] = factory
+
+
+def register_controller(name: str, factory: Callable[..., Controller]) -> None:
+    _CONTROLLERS[name] = factory
+
+
+def executor_names() -> list[str]:
+    _register_builtins()
+    return sorted(_EXECUTORS)
+
+
+def controller_names() -> list[str]:
+    _register_builtins()
+    return sorted(_CONTROLLERS)
+
+
+def _key(kind: str, name: str, options: dict) -> tuple:
+    return (kind, name, json.dumps(options, sort_keys=True, default=repr))
+
+
+def _get(kind: str, table: dict, name: str, options: dict):
+    _register_builtins()
+    if name not in table:
+        known = ", ".join(sorted(table))
+        raise UnknownBackendError(f"unknown {kind} backend {name!r}; known: {known}")
+    key = _key(kind, name, options)
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = table[name](**options)
+            LOAD_COUNTS[f"{kind}:{name}"] = LOAD_COUNTS.get(f"{kind}:{name}", 0) + 1
+        return _CACHE[key]
+
+
+def get_executor(name: str, **options) -> Executor:
+    return _get("executor", _EXECUTORS, name, options)
+
+
+def get_controller(name: str, **options) -> Controller:
+    return _get("controller", _CONTROLLERS, name, options)
+
+
+def clear_cache() -> None:
+    """Drop every loaded backend (tests use it to count loads from zero)."""
+    with _LOCK:
+        _CACHE.clear()
+        LOAD_COUNTS.clear()
+
+
+_BUILTINS_DONE = False
+
+
+def _register_builtins() -> None:
+    """Register the shipped backends; each factory imports its module only when first used."""
+    global _BUILTINS_DONE
+    if _BUILTINS_DONE:
+        return
+    _BUILTINS_DONE = True
+
+    def shapeworld_executor(**kw):
+        from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
+
+        return ShapeWorldExecutor(**kw)
+
+    def shapeworld_controller(**kw):
+        from clvr_agent.tools.shapeworld.controller import ShapeWorldController
+
+        return ShapeWorldController(**kw)
+
+    def flux2_klein_executor(**kw):
+        from clvr_agent.tools.flux2_klein import Flux2KleinExecutor
+
+        return Flux2KleinExecutor.from_pretrained(**kw)
+
+    def clvr_mini_executor(**kw):
+        from clvr_agent.tools.flux2_klein import Flux2KleinExecutor, clvr_mini_path
+
+        kw.setdefault("model", str(clvr_mini_path()))
+        return Flux2KleinExecutor.from_pretrained(**kw)
+
+    def chat_model_controller(**kw):
+        from clvr_agent.tools.chat_controller import ChatModelController
+
+        return ChatModelController.from_spec(**kw)
+
+    def qwen3_vl_controller(**kw):
+        from clvr_agent.tools.qwen3_vl import load_qwen3_vl_controller
+
+        return load_qwen3_vl_controller(**kw)
+
+    _EXECUTORS.setdefault("shapeworld", shapeworld_executor)
+    _EXECUTORS.setdefault("flux2-klein", flux2_klein_executor)
+    _EXECUTORS.setdefault("clvr-mini", clvr_mini_executor)
+    _CONTROLLERS.setdefault("shapeworld", shapeworld_controller)
+    _CONTROLLERS.setdefault("chat-model", chat_model_controller)
+    _CONTROLLERS.setdefault("qwen3-vl", qwen3_vl_controller)
