@@ -1,0 +1,229 @@
+"""The ``clvr`` command line. Results go to stdout (``--json``: one object); progress goes to stderr.
+
+Bad input is a one-line message and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="CLVR: closed-loop verified reasoning for text-to-image.")
+err = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit code 2."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _executor_options(backend: str, model, dtype, device, offload) -> dict:
+    if backend in ("flux2-klein", "clvr-mini"):
+        if backend == "flux2-klein" and not model:
+            fail("--backend flux2-klein needs --model (a hub id or a local diffusers folder)")
+        opts = {"torch_dtype": dtype, "device": device, "offload": offload}
+        if model:
+            opts["model"] = model
+        return opts
+    if model:
+        fail(f"--model is not used by --backend {backend}")
+    return {}
+
+
+def _controller_options(controller: Optional[str], vlm, base_url, model_name, dtype, device) -> dict:
+    if controller == "qwen3-vl":
+        if not vlm:
+            fail("--controller qwen3-vl needs --vlm (a hub id or a local folder)")
+        return {"vlm": vlm, "torch_dtype": dtype, "device": device}
+    if controller == "chat-model":
+        if not base_url:
+            fail("--controller chat-model needs --base-url (an OpenAI-compatible server) and --model-name")
+        return {"base_url": base_url, "model_name": model_name}
+    return {}
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="What the image must show."),
+    out: Path = typer.Option(Path("clvr-run"), "--out", "-o", help="Run folder."),
+    backend: str = typer.Option("shapeworld", help="Executor: shapeworld (embedded), flux2-klein, clvr-mini."),
+    controller: Optional[str] = typer.Option(None, help="Controller: shapeworld, qwen3-vl, chat-model."),
+    model: Optional[str] = typer.Option(None, help="Executor weights: hub id or local folder."),
+    vlm: Optional[str] = typer.Option(None, help="Qwen3-VL weights: hub id or local folder."),
+    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible server for --controller chat-model."),
+    model_name: Optional[str] = typer.Option(None, help="Model name on that server."),
+    dtype: str = typer.Option("bfloat16", help="torch dtype for real models."),
+    device: str = typer.Option("cuda", help="torch device for real models."),
+    offload: bool = typer.Option(False, help="enable_model_cpu_offload for the executor."),
+    height: Optional[int] = typer.Option(None), width: Optional[int] = typer.Option(None),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps (default from the checkpoint)."),
+    guidance: Optional[float] = typer.Option(None, help="Guidance scale (default from the checkpoint)."),
+    max_iterations: int = typer.Option(8, help="Loop budget."),
+    seed: int = typer.Option(0),
+    reference_window: int = typer.Option(3, help="Recent canvases the executor sees."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+    interactive: bool = typer.Option(False, help="Approve the plan, and the stop, at the terminal."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Run the closed loop on PROMPT and write final.png, trajectory.json and trace.html to --out."""
+    from clvr_agent.runs import prepare_out_dir
+
+    settings = dict(max_iterations=max_iterations, seed=seed, reference_window=reference_window,
+                    steps=steps, guidance=guidance, height=height, width=width, interactive=interactive)
+    try:
+        from clvr_agent.state import Settings, validate_prompt
+
+        cfg = Settings(**settings)
+        prompt = validate_prompt(prompt, cfg.max_prompt_chars)
+        if device == "cuda" and backend in ("flux2-klein", "clvr-mini") and not _cuda_available():
+            device = "cpu"
+        if backend == "clvr-mini" and dtype == "bfloat16" and device == "cpu":
+            dtype = "float32"
+        ex_opts = _executor_options(backend, model, dtype, device, offload)
+        ctl_opts = _controller_options(controller, vlm, base_url, model_name, dtype, device)
+        from clvr_agent.tools.registry import UnknownBackendError
+
+        prepare_out_dir(out, resume=resume, overwrite=overwrite)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc).splitlines()[0])
+    _run_loop(prompt, out, backend, controller, ex_opts, ctl_opts, settings, resume, interactive, as_json)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _run_loop(prompt, out, backend, controller, ex_opts, ctl_opts, settings, resume, interactive, as_json):
+    from clvr_agent.api import create_clvr
+    from clvr_agent.runs import final_state, open_checkpointer, stream_run
+    from clvr_agent.tools.registry import UnknownBackendError
+
+    try:
+        runnable = create_clvr(
+            backend, checkpointer=open_checkpointer(out), controller=controller,
+            executor_options=ex_opts, controller_options=ctl_opts,
+            artifact_dir=str(out / "steps"), **settings,
+        )
+    except (UnknownBackendError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc).splitlines()[0])
+    inputs = None if resume else {"prompt": prompt, "seed": settings["seed"],
+                                  "max_iterations": settings["max_iterations"]}
+    with err.status("planning…") as status:
+        for mode, chunk in stream_run(runnable, out, inputs, on_interrupt=_ask if interactive else None):
+            if mode == "custom":
+                status.update(_describe(chunk))
+    values = final_state(runnable)
+    result = {"status": values.get("status"), "final_image": str(out / "final.png") if values.get("final_image") else None,
+              "iterations": values.get("iterations"), "stop_reason": values.get("stop_reason"),
+              "trajectory": str(out / "trajectory.json"), "trace": str(out / "trace.html")}
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        typer.echo(f"{result['status']}: {result['stop_reason']} after {result['iterations']} iteration(s)")
+        typer.echo(f"final image: {result['final_image']}\ntrace: {result['trace']}")
+    if result["status"] == "failed":
+        raise typer.Exit(1)
+
+
+def _describe(event: dict) -> str:
+    kind = event.get("event")
+    if kind == "denoise":
+        return f"step {event['step']}: denoising {event['i'] + 1}/{event['of']}"
+    if kind == "iteration":
+        return f"iteration {event['iteration']}: score {event['score']:.2f}"
+    if kind == "node_start":
+        return f"{event['node']}…"
+    return str(kind)
+
+
+def _ask(value: dict):
+    """Answer an interrupt at the terminal (stderr prompts so stdout stays clean)."""
+    if value.get("kind") == "approve_plan":
+        err.print("[bold]Plan:[/]")
+        for c in value["plan"]["constraints"]:
+            err.print(f"  - {c['text']}")
+        err.print(f"first instruction: {value['plan']['first_instruction']}")
+        if typer.confirm("Approve the plan?", default=True, err=True):
+            return True
+        plan = dict(value["plan"])
+        plan["first_instruction"] = typer.prompt("First instruction", err=True)
+        return plan
+    typer.confirm(f"Stop after {value.get('iterations')} iteration(s)?", default=True, err=True)
+    return True
+
+
+@app.command()
+def trace(run_dir: Path = typer.Argument(..., help="A run folder written by `clvr generate`.")) -> None:
+    """Re-render RUN_DIR/trace.html and print a short summary."""
+    from clvr_agent.trace import render_trace, summary_text
+    from clvr_agent.types import Trajectory
+
+    path = run_dir / "trajectory.json"
+    if not path.is_file():
+        fail(f"no trajectory.json in {run_dir}")
+    try:
+        traj = Trajectory.model_validate_json(path.read_text())
+    except ValueError as exc:
+        fail(f"{path} is not a valid trajectory: {str(exc).splitlines()[0]}")
+    render_trace(traj, run_dir / "trace.html")
+    typer.echo(summary_text(traj))
+    typer.echo(f"trace: {run_dir / 'trace.html'}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the trajectory record's versioned JSON schema."""
+    from clvr_agent.types import trajectory_json_schema
+
+    typer.echo(json.dumps(trajectory_json_schema(), indent=2))
+
+
+def _mount_subcommands() -> None:
+    """Sub-apps live beside their code; each is optional until its module exists."""
+    import importlib
+
+    for module, attr, name in [
+        ("clvr_agent.cli_eval", "eval_app", "eval"),
+        ("clvr_agent.cli_bench", "bench_app", "bench"),
+        ("clvr_agent.cli_train", "train_app", "train"),
+    ]:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue
+            raise
+        app.add_typer(getattr(mod, attr), name=name)
+    for module in ("clvr_agent.cli_eval", "clvr_agent.cli_data"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue
+            raise
+        if hasattr(mod, "register"):
+            mod.register(app)
+
+
+_mount_subcommands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""One self-contained HTML page per run: prompt, plan, every step in order, and the stop reason.
+
+Images are linked by paths relative to the page, so the run folder can be moved or zipped whole.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+from clvr_agent.types import ImageRef, Step, Trajectory
+
+_CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;background:#fafafa;max-width:1100px}
+h1{font-size:20px;margin:0 0 4px} .prompt{font-size:17px;margin:0 0 12px}
+.badge{display:inline-block;padding:2px 8px;border-radius:10px;color:#fff;font-weight:600}
+.satisfied{background:#2a7} .budget_exhausted,.no_progress{background:#c80} .failed{background:#c33}
+.running{background:#888}
+.step{background:#fff;border:1px solid #ddd;border-radius:8px;padding:12px;margin:12px 0;display:flex;gap:16px}
+.step.rejected{opacity:.6;border-style:dashed} .canvas img{width:256px;height:auto;border:1px solid #ccc}
+.refs img{width:64px;height:auto;margin-right:4px;border:1px solid #ccc;vertical-align:top}
+.meta{flex:1} .ok{color:#2a7} .bad{color:#c33} code{background:#eee;padding:1px 4px;border-radius:3px}
+table{border-collapse:collapse} td{padding:1px 8px 1px 0;vertical-align:top}
+.final img{width:384px;border:2px solid #2a7}
+"""
+
+
+def _img(ref: ImageRef | None, base: Path, cls: str = "") -> str:
+    if ref is None:
+        return "<em>no canvas</em>"
+    rel = os.path.relpath(ref.path, base)
+    return f'<img class="{cls}" src="{html.escape(rel)}" alt="{ref.sha256[:12]}" title="{ref.sha256[:12]}">'
+
+
+def _mark(ok: bool | None) -> str:
+    if ok is None:
+        return "–"
+    return '<span class="ok">✔</span>' if ok else '<span class="bad">✘</span>'
+
+
+def _step(step: Step, base: Path) -> str:
+    req = step.request
+    refs = "".join(_img(r, base) for r in req.references) or "<em>none</em>"
+    rows = [
+        ("mode", f"<code>{req.mode}</code> · seed {req.seed}"),
+        ("instruction", html.escape(step.instruction)),
+        ("references", f'<span class="refs">{refs}</span>'),
+        ("passive", f"{_mark(step.passive.executed if step.passive else None)} "
+                    f"{html.escape(step.passive.detail) if step.passive else ''}"),
+    ]
+    if step.verdict:
+        items = "".join(
+            f"<div>{_mark(c.satisfied)} <code>{html.escape(c.id)}</code> {html.escape(c.detail)}</div>"
+            for c in step.verdict.constraints
+        )
+        rows.append(("active", f"{_mark(step.verdict.satisfied)} score {step.verdict.score:.2f} "
+                               f"{html.escape(step.verdict.summary)}{items}"))
+    if step.reasoning:
+        rows.append(("reasoning", html.escape(step.reasoning)))
+    timing = ", ".join(f"{k} {v:.3f}s" for k, v in step.timings.items())
+    rows.append(("cost", f"NFE {step.nfe}" + (f" · {timing}" if timing else "")))
+    if step.error:
+        rows.append(("error", f'<span class="bad">{html.escape(step.error)}</span>'))
+    body = "".join(f"<tr><td><b>{k}</b></td><td>{v}</td></tr>" for k, v in rows)
+    cls = "step" + ("" if step.accepted else " rejected")
+    title = f"Step {step.index} · iteration {step.iteration}" + (f" · retry {step.attempt}" if step.attempt else "")
+    if not step.accepted:
+        title += " · discarded"
+    return (f'<div class="{cls}"><div class="canvas">{_img(step.canvas, base)}</div>'
+            f'<div class="meta"><h3>{title}</h3><table>{body}</table></div></div>')
+
+
+def render_trace(trajectory: Trajectory, out_path: str | os.PathLike) -> Path:
+    """Write the trace page to ``out_path``; image links are relative to its folder."""
+    out = Path(out_path)
+    base = out.parent.resolve()
+    t = trajectory
+    plan = ""
+    if t.plan:
+        items = "".join(f"<li><code>{html.escape(c.id)}</code> {html.escape(c.text)} "
+                        f"<small>({c.kind})</small></li>" for c in t.plan.constraints)
+        note = " <em>(fallback: the controller could not plan)</em>" if t.plan.fallback else ""
+        plan = f"<h2>Plan{note}</h2><ol>{items}</ol><p>First instruction: {html.escape(t.plan.first_instruction)}</p>"
+    total_nfe = sum(s.nfe for s in t.steps)
+    final = f'<div class="final"><h2>Final image</h2>{_img(t.final_image, base)}</div>' if t.final_image else ""
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>CLVR trace</title>
+<style>{_CSS}</style></head><body>
+<h1>CLVR trace <span class="badge {t.status}">{t.status}</span></h1>
+<p class="prompt">“{html.escape(t.prompt)}”</p>
+<p>backend <code>{html.escape(t.backend)}</code> · controller <code>{html.escape(t.controller)}</code> ·
+seed {t.seed} · {t.iterations} iteration(s) · {len(t.steps)} executor call(s) · NFE {total_nfe}</p>
+<p><b>Stop reason:</b> {html.escape(t.stop_reason)}</p>
+{plan}{final}<h2>Steps</h2>{''.join(_step(s, base) for s in t.steps)}
+</body></html>"""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def summary_text(trajectory: Trajectory) -> str:
+    """A few lines for the terminal: status, iterations and each step's instruction and score."""
+    t = trajectory
+    lines = [f"{t.status}: {t.stop_reason} ({t.iterations} iterations, {len(t.steps)} executor calls)",
+             f"prompt: {t.prompt}"]
+    for s in t.steps:
+        score = f"{s.verdict.score:.2f}" if s.verdict else "  – "
+        flag = "" if s.accepted else " [discarded]"
+        lines.append(f"  step {s.index} it{s.iteration} {s.request.mode:8s} score {score} nfe {s.nfe}: "
+                     f"{s.instruction[:80]}{flag}")
+    if t.final_image:
+        lines.append(f"final: {t.final_image.path}")
+    return "\n".join(lines)

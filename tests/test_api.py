@@ -1,0 +1,61 @@
+"""The public surface: the tool inside a LangChain agent, import hygiene, schema export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, ToolMessage
+
+from clvr_agent import clvr_tool, create_clvr, trajectory_json_schema
+from clvr_agent.state import ClvrContext, Settings
+from clvr_agent.tools.scripted import ScriptedController
+from tests.test_graph import PixelExecutor
+
+
+class ToolCallingFake(GenericFakeChatModel):
+    def bind_tools(self, tools, **kw):
+        return self
+
+
+def _runnable(tmp_path, scores=(0.4, 0.7)):
+    ctx = ClvrContext(executor=PixelExecutor(), controller=ScriptedController(scores=scores),
+                      settings=Settings(artifact_dir=str(tmp_path), max_iterations=2, patience=5))
+    return create_clvr(context=ctx)
+
+
+def test_tool_result_is_compact(tmp_path):
+    tool = clvr_tool(_runnable(tmp_path))
+    assert set(tool.args) == {"prompt", "seed"}
+    text = tool.invoke({"prompt": "a red circle", "seed": 1})
+    assert text.startswith("status=budget_exhausted image=") and "iterations=2" in text
+    assert "unmet: scripted miss 1" in text and len(text) < 400
+
+
+def test_tool_inside_create_agent(tmp_path):
+    from langchain.agents import create_agent
+
+    model = ToolCallingFake(messages=iter([
+        AIMessage(content="", tool_calls=[{"name": "clvr_generate_image", "args": {"prompt": "a blue star"}, "id": "c1"}]),
+        AIMessage(content="Here is your image."),
+    ]))
+    agent = create_agent(model, tools=[clvr_tool(_runnable(tmp_path, scores=(1.0,)))])
+    out = agent.invoke({"messages": [{"role": "user", "content": "draw a blue star"}]})
+    tool_msgs = [m for m in out["messages"] if isinstance(m, ToolMessage)]
+    assert len(tool_msgs) == 1 and tool_msgs[0].content.startswith("status=satisfied image=")
+    assert out["messages"][-1].content == "Here is your image."
+
+
+def test_import_loads_no_model():
+    code = ("import sys, clvr_agent, clvr_agent.graphs.graph, clvr_agent.tools.registry, clvr_agent.cli;"
+            "print(sorted(m for m in ('torch','diffusers','transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_trajectory_schema_is_versioned():
+    schema = trajectory_json_schema()
+    assert schema["version"] == "1.0" and "steps" in schema["properties"]
+    json.dumps(schema)
