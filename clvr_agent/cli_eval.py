@@ -1,0 +1,114 @@
+"""``clvr eval …`` and ``clvr probe``: GenEval-style measurement on ShapeWorld and on real images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+eval_app = typer.Typer(no_args_is_help=True, help="Measure the loop: ShapeWorld, any GenEval folder, real GenEval.")
+
+
+def _fail(message: str) -> None:
+    from clvr_agent.cli import fail
+
+    fail(message)
+
+
+def _out_ok(out: Path, overwrite: bool, resume: bool = False) -> None:
+    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+        _fail(f"--out {out} is not empty; pass --overwrite to replace its results")
+
+
+def _parse_tiers(text: str) -> list[int]:
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-", 1))
+            tiers = list(range(lo, hi + 1))
+        else:
+            tiers = [int(x) for x in text.split(",")]
+    except ValueError:
+        _fail(f"--tiers {text!r}: expected a range like 1-10 or a list like 1,5,10")
+    if not tiers or min(tiers) < 1 or max(tiers) > 10:
+        _fail(f"--tiers {text!r}: tiers run from 1 to 10")
+    return tiers
+
+
+@eval_app.command("shapeworld")
+def eval_shapeworld_cmd(
+    mode: str = typer.Option("loop", help="single (one executor call) or loop (the CLVR graph)."),
+    n: int = typer.Option(120, min=1, help="Prompts, spread over the six GenEval tags."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("eval-shapeworld"), "--out", "-o"),
+    backend: str = typer.Option("shapeworld", help="Executor: shapeworld or clvr-mini (any ShapeWorld drawer)."),
+    max_iterations: int = typer.Option(8),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """GenEval-style pass rate on ShapeWorld prompts → results.jsonl, summary.json, summary.png."""
+    from clvr_agent.evaluation import eval_shapeworld
+
+    if mode not in ("single", "loop"):
+        _fail(f"--mode {mode!r}: choose single or loop")
+    _out_ok(out, overwrite)
+    summary = eval_shapeworld(mode=mode, n=n, seed=seed, out_dir=out, backend=backend, max_iterations=max_iterations)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@eval_app.command("score")
+def score_cmd(
+    images: Path = typer.Option(..., help="A GenEval-layout folder (each prompt folder has metadata.jsonl)."),
+    out: Path = typer.Option(..., "--out", "-o"),
+    detector: str = typer.Option("shapeworld", help="shapeworld, or mask2former for real images."),
+    detector_model: Optional[str] = typer.Option(None, help="Mask2Former weights (hub id or folder)."),
+    clip_model: Optional[str] = typer.Option(None, help="CLIP weights for colour (hub id or folder)."),
+    device: str = typer.Option("cpu"),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Score any GenEval-layout folder → OUT/results.jsonl (official fields) and OUT/summary.json."""
+    if not images.is_dir():
+        _fail(f"--images {images} is not a folder")
+    _out_ok(out, overwrite)
+    if detector == "shapeworld":
+        from clvr_agent.evaluation import score_folder
+
+        summary = score_folder(images, out, detector="shapeworld")
+    elif detector == "mask2former":
+        from clvr_agent.cli_geneval import score_mask2former
+
+        if not detector_model or not clip_model:
+            _fail("--detector mask2former needs --detector-model and --clip-model")
+        summary = score_mask2former(images, out, detector_model=detector_model, clip_model=clip_model, device=device)
+    else:
+        _fail(f"unknown detector {detector!r}; known: shapeworld, mask2former")
+    typer.echo(json.dumps(summary, indent=2))
+
+
+def probe_cmd(
+    tiers: str = typer.Option("1-10", help="Complexity tiers (number of atomic constraints)."),
+    per_tier: int = typer.Option(20, min=1),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("probe"), "--out", "-o"),
+    backend: str = typer.Option("shapeworld"),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Single-step vs loop pass rate by complexity tier → summary.json and probe.png."""
+    from clvr_agent.evaluation import probe
+
+    tier_list = _parse_tiers(tiers)
+    _out_ok(out, overwrite)
+    summary = probe(tiers=tier_list, per_tier=per_tier, seed=seed, out_dir=out, backend=backend)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+def register(app: typer.Typer) -> None:
+    """Top-level commands that belong with evaluation (``clvr probe``) and real GenEval."""
+    app.command("probe")(probe_cmd)
+    try:
+        from clvr_agent.cli_geneval import register as register_geneval
+    except ModuleNotFoundError as exc:
+        if exc.name != "clvr_agent.cli_geneval":
+            raise
+    else:
+        register_geneval(eval_app)
