@@ -68,6 +68,7 @@ def generate(
     max_iterations: int = typer.Option(8, help="Loop budget."),
     seed: int = typer.Option(0),
     reference_window: int = typer.Option(3, help="Recent canvases the executor sees."),
+    reference: list[Path] = typer.Option([], "--reference", "-r", help="Starting image(s) to edit instead of drawing afresh."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
     interactive: bool = typer.Option(False, help="Approve the plan, and the stop, at the terminal."),
@@ -80,21 +81,29 @@ def generate(
                     steps=steps, guidance=guidance, height=height, width=width, interactive=interactive)
     try:
         from clvr_agent.state import Settings, validate_prompt
+        from clvr_agent.store import load_reference_image
 
         cfg = Settings(**settings)
         prompt = validate_prompt(prompt, cfg.max_prompt_chars)
+        for path in reference:
+            load_reference_image(path)
         if device == "cuda" and backend in ("flux2-klein", "clvr-mini") and not _cuda_available():
             device = "cpu"
         if backend == "clvr-mini" and dtype == "bfloat16" and device == "cpu":
             dtype = "float32"
+        from clvr_agent.tools.registry import controller_names, executor_names
+
+        if backend not in executor_names():
+            fail(f"unknown backend {backend!r}; known: {', '.join(executor_names())}")
+        if controller is not None and controller not in controller_names():
+            fail(f"unknown controller {controller!r}; known: {', '.join(controller_names())}")
         ex_opts = _executor_options(backend, model, dtype, device, offload)
         ctl_opts = _controller_options(controller, vlm, base_url, model_name, dtype, device)
-        from clvr_agent.tools.registry import UnknownBackendError
-
         prepare_out_dir(out, resume=resume, overwrite=overwrite)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc).splitlines()[0])
-    _run_loop(prompt, out, backend, controller, ex_opts, ctl_opts, settings, resume, interactive, as_json)
+    refs = [str(p.resolve()) for p in reference]
+    _run_loop(prompt, out, backend, controller, ex_opts, ctl_opts, settings, resume, interactive, as_json, refs)
 
 
 def _cuda_available() -> bool:
@@ -106,7 +115,7 @@ def _cuda_available() -> bool:
         return False
 
 
-def _run_loop(prompt, out, backend, controller, ex_opts, ctl_opts, settings, resume, interactive, as_json):
+def _run_loop(prompt, out, backend, controller, ex_opts, ctl_opts, settings, resume, interactive, as_json, refs):
     from clvr_agent.api import create_clvr
     from clvr_agent.runs import final_state, open_checkpointer, stream_run
     from clvr_agent.tools.registry import UnknownBackendError
@@ -120,7 +129,7 @@ def _run_loop(prompt, out, backend, controller, ex_opts, ctl_opts, settings, res
     except (UnknownBackendError, FileNotFoundError, ValueError) as exc:
         fail(str(exc).splitlines()[0])
     inputs = None if resume else {"prompt": prompt, "seed": settings["seed"],
-                                  "max_iterations": settings["max_iterations"]}
+                                  "max_iterations": settings["max_iterations"], "references": refs}
     with err.status("planning…") as status:
         for mode, chunk in stream_run(runnable, out, inputs, on_interrupt=_ask if interactive else None):
             if mode == "custom":

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional, TypedDict
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clvr_agent.store import ArtifactStore
-from clvr_agent.types import Correction, Plan, Status, Step
+from clvr_agent.types import Correction, ImageRef, Plan, Status, Step
 
 
 class Settings(BaseModel):
@@ -66,6 +66,7 @@ class ClvrInput(TypedDict, total=False):
     prompt: str
     seed: int
     max_iterations: int
+    references: list[str]  # paths of starting images the first step edits instead of drawing afresh
 
 
 class ClvrOutput(TypedDict, total=False):
@@ -80,6 +81,8 @@ class ClvrState(TypedDict, total=False):
     prompt: str
     seed: int
     max_iterations: int
+    references: list[str]
+    init_references: list[ImageRef]
     plan: Optional[Plan]
     steps: Annotated[list[Step], upsert_steps]
     pending: Optional[Correction]

@@ -15,6 +15,7 @@ from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 
 from clvr_agent.state import ClvrContext, ClvrInput, ClvrOutput, ClvrState, validate_prompt
+from clvr_agent.store import load_reference_image
 from clvr_agent.tools.base import Cancelled, ControllerOutputError
 from clvr_agent.types import Constraint, Correction, ExecutorRequest, Plan, Step, Trajectory
 
@@ -80,6 +81,7 @@ def stop_decision(state: ClvrState, ctx: ClvrContext) -> Optional[tuple[str, str
 def plan_prompt(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
     ctx = _ctx(runtime)
     prompt = validate_prompt(state.get("prompt"), ctx.settings.max_prompt_chars)
+    init_refs = [ctx.store.put(load_reference_image(p)) for p in state.get("references", [])]
     _emit({"event": "node_start", "node": "plan"})
     try:
         plan = ctx.controller.plan(prompt)
@@ -97,7 +99,9 @@ def plan_prompt(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
         "seed": state.get("seed", ctx.settings.seed),
         "max_iterations": state.get("max_iterations") or ctx.settings.max_iterations,
         "plan": plan,
-        "pending": Correction(instruction=plan.first_instruction, mode="regenerate", reasoning=plan.reasoning),
+        "init_references": init_refs,
+        "pending": Correction(instruction=plan.first_instruction, mode="edit" if init_refs else "regenerate",
+                              reasoning=plan.reasoning),
         "iteration": 1,
         "attempt": 0,
         "status": "running",
@@ -118,9 +122,10 @@ def build_request(state: ClvrState, ctx: ClvrContext) -> ExecutorRequest:
     steps = state.get("steps", [])
     pending = state["pending"]
     history = accepted_canvases(steps)
-    mode = "generate" if pending.mode == "regenerate" or not history else pending.mode
+    canvases = list(state.get("init_references", [])) + [s.canvas for s in history]
+    mode = "generate" if pending.mode == "regenerate" or not canvases else pending.mode
     k = ctx.settings.reference_window
-    refs = [s.canvas for s in history[-k:]] if mode != "generate" and k else []
+    refs = canvases[-k:] if mode != "generate" and k else []
     instructions = [s.instruction for s in history] + [pending.instruction]
     accumulated = "\n".join([state["prompt"], *[i for i in instructions if i != state["prompt"]]])
     s = ctx.settings
@@ -174,7 +179,7 @@ def verify_canvas(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
     step, attempt = steps[-1], state.get("attempt", 0)
     _emit({"event": "node_start", "node": "verify", "step": step.index})
     prior = accepted_canvases(steps[:-1])
-    before = prior[-1].canvas.open() if prior and step.request.mode != "generate" else None
+    before = step.request.references[-1].open() if step.request.mode != "generate" and step.request.references else None
     after = step.canvas.open()
     t0 = time.perf_counter()
     try:

@@ -257,3 +257,23 @@ def test_state_checkpoints_hold_no_pixels(tmp_path):
 
     blob = pickle.dumps(state)
     assert len(blob) < 20_000 and b"PNG" not in blob
+
+
+def test_starting_reference_is_edited_not_redrawn(tmp_path):
+    start = tmp_path / "start.png"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(start)
+    run, ex, _ = make(scores=(1.0,), tmp_path=tmp_path / "art")
+    out = run.invoke({"prompt": "p", "references": [str(start)]})
+    assert ex.requests[0].mode == "edit" and ex.reference_pixels[0] == [(1, 2, 3)]
+    assert out["status"] == "satisfied"
+
+
+def test_unreadable_reference_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    run, ex, _ = make(tmp_path=tmp_path / "art")
+    with pytest.raises(ValueError, match="not a readable image"):
+        run.invoke({"prompt": "p", "references": [str(bad)]})
+    with pytest.raises(ValueError, match="not found"):
+        run.invoke({"prompt": "p", "references": [str(tmp_path / "missing.png")]})
+    assert ex.requests == []
