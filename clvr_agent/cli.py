@@ -200,6 +200,31 @@ def schema() -> None:
     typer.echo(json.dumps(trajectory_json_schema(), indent=2))
 
 
+@app.command()
+def merge(
+    base: Path = typer.Option(..., help="Base weights: .safetensors, sharded folder, or diffusers model folder."),
+    aligned: Path = typer.Option(..., help="Aligned (SFT+PPRL) weights or a LoRA adapter folder."),
+    distilled: Path = typer.Option(..., help="4-step distilled weights or a LoRA adapter folder."),
+    out: Path = typer.Option(..., "--out", "-o"),
+    lambda_align: float = typer.Option(1.0, help="Weight of the alignment delta."),
+    lambda_distill: float = typer.Option(1.0, help="Weight of the distillation delta."),
+    method: str = typer.Option("sum", help="sum | ties | dare"),
+    ties_density: float = typer.Option(0.2), dare_drop: float = typer.Option(0.5), seed: int = typer.Option(0),
+    max_shard_mb: float = typer.Option(2048.0),
+) -> None:
+    """Δ-space weight merge: W = W_base + λa·(W_aligned − W_base) + λd·(W_distilled − W_base), streamed."""
+    from clvr_agent.training.merge import MergeConfig, merge_checkpoints
+
+    try:
+        config = MergeConfig(base=base, aligned=aligned, distilled=distilled, out=out, lambda_align=lambda_align,
+                             lambda_distill=lambda_distill, method=method, ties_density=ties_density,
+                             dare_drop=dare_drop, seed=seed, max_shard_mb=max_shard_mb)
+        report = merge_checkpoints(config)
+    except ValueError as exc:
+        fail(str(exc).splitlines()[0])
+    typer.echo(json.dumps({"out": str(out), **report["summary"]}, indent=2, default=str))
+
+
 def _mount_subcommands() -> None:
     """Sub-apps live beside their code; each is optional until its module exists."""
     import importlib
