@@ -38,8 +38,10 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
 def open_checkpointer(out: Path):
     from langgraph.checkpoint.sqlite import SqliteSaver
 
+    from clvr_agent.state import checkpoint_serde
+
     conn = sqlite3.connect(str(out / CHECKPOINTS), check_same_thread=False)
-    return SqliteSaver(conn)
+    return SqliteSaver(conn, serde=checkpoint_serde())
 
 
 def trajectory_from_state(values: dict, *, backend: str = "", controller: str = "") -> Trajectory:

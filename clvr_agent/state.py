@@ -43,6 +43,18 @@ class Settings(BaseModel):
         return self
 
 
+def checkpoint_serde():
+    """A LangGraph serializer that knows the run's record types (no "unregistered type" warnings,
+    and works under ``LANGGRAPH_STRICT_MSGPACK=true``). Pass it to your checkpointer: ``SqliteSaver(conn, serde=checkpoint_serde())``."""
+    from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+
+    from clvr_agent import types
+
+    records = [name for name, obj in vars(types).items()
+               if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__ == types.__name__]
+    return JsonPlusSerializer(allowed_msgpack_modules=[(types.__name__, name) for name in records])
+
+
 def validate_prompt(prompt: Any, limit: int) -> str:
     """The one place a prompt is judged acceptable; raises ValueError with a one-line reason."""
     if not isinstance(prompt, str):
