@@ -1,0 +1,210 @@
+"""``clvr train sft-diffusion | distill | pprl``: one flag per config field, plus a JSON config file.
+
+Precedence: the config dataclass's defaults < ``--config file.json`` < flags. ``--model`` is a diffusers
+folder (``Flux2KleinPipeline``), ``--out`` the output folder (the config's ``output_dir``). The flags are
+built from the dataclass fields, so a new field is a new flag; nothing here imports torch until a
+command runs. Multi-GPU: ``accelerate launch -m clvr_agent.cli train …`` with the same flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import typing
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from clvr_agent.training.diffusion_configs import DistillConfig, PPRLConfig, SFTDiffusionConfig
+
+train_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train FLUX.2 [klein]: SFT, distillation, PPRL.")
+
+_COMMON = {"output_dir", "resume"}  # spelled --out and --resume
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _option_type(tp):
+    if tp in (int, float, str, bool):
+        return tp
+    return str  # tuples: comma-separated
+
+
+def _field_params(config_cls) -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(config_cls)
+    params = []
+    for f in dataclasses.fields(config_cls):
+        if f.name in _COMMON:
+            continue
+        tp = _option_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        decls = [f"{flag}/--no-{f.name.replace('_', '-')}"] if tp is bool else [flag]
+        default = f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        params.append(inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[tp],
+            default=typer.Option(None, *decls, help=f"{f.metadata.get('help', '')} [default: {shown}]", show_default=False),
+        ))
+    return params
+
+
+def _build_config(config_cls, config_file: Optional[Path], out: Optional[Path], resume: bool, flags: dict):
+    values: dict = {}
+    if config_file is not None:
+        if not config_file.is_file():
+            raise _fail(f"--config: file not found: {config_file}")
+        try:
+            values = json.loads(config_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise _fail(f"--config: {config_file} is not JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(values, dict):
+            raise _fail(f"--config: {config_file} must hold a JSON object of config fields")
+        names = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise _fail(f"--config: unknown field(s) {', '.join(unknown)}; see --help for the fields")
+    hints = typing.get_type_hints(config_cls)
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if hints[name] is not str and isinstance(value, str):  # tuple fields arrive as "9,18,27"
+            try:
+                value = tuple(int(v) for v in value.split(",") if v.strip())
+            except ValueError:
+                raise _fail(f"--{name.replace('_', '-')}: expected comma-separated integers, got {value!r}") from None
+        values[name] = value
+    if out is not None:
+        values["output_dir"] = str(out)
+    if resume:
+        values["resume"] = True
+    try:
+        return config_cls(**values)
+    except (ValueError, TypeError) as exc:
+        raise _fail(str(exc)) from None
+
+
+def _load_pipeline(model: Path):
+    if not (model / "model_index.json").is_file():
+        raise _fail(f"--model: {model} is not a diffusers folder (no model_index.json)")
+    from diffusers import Flux2KleinPipeline
+
+    return Flux2KleinPipeline.from_pretrained(str(model))
+
+
+def _read_prompts(path: Path) -> list:
+    """Prompts from a .txt (one per line) or .jsonl (records with "prompt" and optional "references")."""
+    if not path.is_file():
+        raise _fail(f"--prompts: file not found: {path}")
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    if path.suffix != ".jsonl":
+        return [ln.strip() for ln in lines]
+    items = []
+    for n, ln in enumerate(lines, 1):
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            raise _fail(f"{path}:{n}: not JSON") from None
+        if "prompt" not in rec:
+            raise _fail(f"{path}:{n}: a record needs a \"prompt\"")
+        refs = [str(p if Path(p).is_absolute() else path.parent / p) for p in rec.get("references", [])]
+        items.append({"prompt": rec["prompt"], "references": refs})
+    if not items:
+        raise _fail(f"--prompts: {path} holds no prompts")
+    return items
+
+
+def _command(name: str, config_cls, extra: list[inspect.Parameter], run: Callable, help_text: str):
+    """Register a command whose signature is the common options + ``extra`` + one option per config field."""
+    common = [
+        inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
+                          default=typer.Option(..., "--model", help="Diffusers folder of the model to train.")),
+        inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                          default=typer.Option(None, "--out", help="Output folder (config output_dir).")),
+        inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                          default=typer.Option(None, "--config", help="JSON object of config fields; flags override it.")),
+        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out.")),
+    ]
+    fields = _field_params(config_cls)
+    field_names = {p.name for p in fields}
+
+    def command(**kwargs):
+        flags = {k: kwargs.pop(k) for k in list(kwargs) if k in field_names}
+        cfg = _build_config(config_cls, kwargs.pop("config_file"), kwargs.pop("out"), kwargs.pop("resume"), flags)
+        try:
+            history = run(cfg, **kwargs)
+        except (ValueError, FileNotFoundError) as exc:
+            raise _fail(str(exc)) from None
+        last = history[-1] if history else {}
+        typer.echo(json.dumps({"out": cfg.output_dir, "steps": last.get("step", 0),
+                               **{k: v for k, v in last.items() if k != "step"}}, default=str))
+
+    command.__signature__ = inspect.Signature(common + extra + fields)
+    command.__doc__ = help_text
+    train_app.command(name)(command)
+
+
+def _opt(name: str, annotation, *decls: str, default=..., help: str = "") -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, *decls, help=help))
+
+
+def _run_sft(cfg, *, model: Path, data: Path):
+    from clvr_agent.training.sft_diffusion import SFTDiffusionDataset, SFTDiffusionTrainer
+
+    dataset = SFTDiffusionDataset.from_jsonl(data)
+    return SFTDiffusionTrainer(_load_pipeline(model), cfg, dataset).train()
+
+
+def _run_distill(cfg, *, model: Path, prompts: Path):
+    from clvr_agent.training.distill import DistillTrainer
+
+    items = _read_prompts(prompts)
+    return DistillTrainer(_load_pipeline(model), cfg, items).train()
+
+
+REWARDS = ("shapeworld", "brightness")
+
+
+def _brightness(images, prompts, refs):
+    import numpy as np
+
+    return [float(np.asarray(im.convert("L"), dtype=np.float32).mean() / 255) for im in images]
+
+
+def _run_pprl(cfg, *, model: Path, prompts: Path, reward: str):
+    from clvr_agent.training.pprl import PPRLTrainer, pixel_similarity_reward, shapeworld_reward
+
+    if reward not in REWARDS:
+        raise _fail(f"--reward {reward!r}: choose one of {', '.join(REWARDS)}")
+    items = _read_prompts(prompts)
+    reward_text = {"shapeworld": shapeworld_reward, "brightness": _brightness}[reward]
+    if reward == "shapeworld":
+        from clvr_agent.tools.shapeworld.language import parse_prompt
+
+        for item in items:
+            text = item if isinstance(item, str) else item["prompt"]
+            try:
+                parse_prompt(text)
+            except ValueError as exc:
+                raise _fail(f"--reward shapeworld needs ShapeWorld prompts; {text!r}: {exc}") from None
+    trainer = PPRLTrainer(_load_pipeline(model), cfg, items, reward_text, pixel_similarity_reward)
+    return trainer.train()
+
+
+_command("sft-diffusion", SFTDiffusionConfig,
+         [_opt("data", Path, "--data", help="JSONL of {prompt, references, target} records or trajectory records.")],
+         _run_sft, "Flow-matching SFT on (accumulated prompt, reference canvases, target canvas).")
+_command("distill", DistillConfig,
+         [_opt("prompts", Path, "--prompts", help=".txt (one prompt a line) or .jsonl ({prompt, references}).")],
+         _run_distill, "Distil a base (CFG) model into a few-step student; saved with is_distilled=True.")
+_command("pprl", PPRLConfig,
+         [_opt("prompts", Path, "--prompts", help=".txt (one prompt a line) or .jsonl ({prompt, references})."),
+          _opt("reward", str, "--reward", default="shapeworld",
+               help="R_text: shapeworld (GenEval partial credit from the ShapeWorld detector) or brightness (a toy).")],
+         _run_pprl, "Proxy-prompt RL (Flow-GRPO) with R = w·R_text + (1-w)·R_ref (pixel similarity to the references).")

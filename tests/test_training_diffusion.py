@@ -1,0 +1,368 @@
+"""Diffusion training on the tiny real-class FLUX.2 [klein]: flow matching, SFT, distillation, PPRL, CLI.
+
+Every trainer here mutates its pipeline, so each test builds a private one (``build_tiny_flux2_klein``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clvr_agent.tools.tiny import build_tiny_flux2_klein
+from clvr_agent.training import flow_matching as fm
+
+H = W = 16  # tiny VAE downsamples by 2 and packs 2×2: 16 px -> 4×4 = 16 target tokens
+SEQ = 64  # byte-level tokenizer: the chat template alone is ~35 tokens
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are overhead-bound; one thread is faster and steadier on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _pipe(distilled=False):
+    return build_tiny_flux2_klein(distilled=distilled, seed=0)
+
+
+def _solid(rgb, size=H):
+    return Image.new("RGB", (size, size), rgb)
+
+
+@pytest.fixture()
+def sft_data(tmp_path):
+    """Four fixed examples: solid colour targets named by the prompt, 0–2 reference canvases."""
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "white": (240, 240, 240)}
+    for name, rgb in colours.items():
+        _solid(rgb).save(tmp_path / f"{name}.png")
+    recs = [
+        {"prompt": "a red canvas", "references": [], "target": "red.png"},
+        {"prompt": "a blue canvas", "references": ["red.png"], "target": "blue.png"},
+        {"prompt": "a green canvas", "references": ["red.png", "blue.png"], "target": "green.png"},
+        {"prompt": "a white canvas", "references": [], "target": "white.png"},
+    ]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    return path
+
+
+def _sft_config(tmp_path, **kw):
+    from clvr_agent.training.sft_diffusion import SFTDiffusionConfig
+
+    base = dict(output_dir=str(tmp_path / "sft-out"), height=H, width=W, batch_size=4, learning_rate=3e-3,
+                max_sequence_length=SEQ, bn_stats_samples=4, checkpoint_every=0, log_every=0, lr_scheduler="constant")
+    return SFTDiffusionConfig(**{**base, **kw})
+
+
+def _eval_loss(trainer, examples):
+    """The loss on fixed noise, σ and dropout draws, without touching the trainer's RNG streams."""
+    g, r = trainer.generator.get_state(), trainer.rng.getstate()
+    trainer.generator.manual_seed(1234)
+    trainer.rng.seed(1234)
+    modes = {n: m.training for n, m in trainer.modules.items()}
+    for m in trainer.modules.values():
+        m.eval()
+    with torch.no_grad():
+        loss, logs = trainer.loss(examples)
+    for n, m in trainer.modules.items():
+        m.train(modes[n])
+    trainer.generator.set_state(g)
+    trainer.rng.setstate(r)
+    return loss.item(), logs
+
+
+# ----------------------------------------------------------------------------------------- flow matching
+
+
+def test_reference_tokens_follow_the_pipeline_layout():
+    pipe = _pipe()
+    refs = [_solid((200, 10, 10), 64), _solid((10, 10, 200), 64)]
+    px = [pipe.image_processor.preprocess(r, height=64, width=64) for r in refs]
+    want_tokens, want_ids = pipe.prepare_image_latents(px, batch_size=2, generator=None, device="cpu", dtype=torch.float32)
+    lat = fm.encode_images(pipe, fm.to_pixels(pipe, refs, 64, 64))  # (2, 4C, h, w)
+    tokens, ids = fm.pack_references(pipe, lat.unsqueeze(0).expand(2, -1, -1, -1, -1))
+    torch.testing.assert_close(tokens, want_tokens)
+    assert torch.equal(ids, want_ids)
+
+
+def test_loss_is_on_target_tokens_only_and_gradients_flow():
+    pipe = _pipe()
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 16, 4, 4, generator=gen)  # (B, 4C, h, w)
+    refs = torch.randn(2, 2, 16, 4, 4, generator=gen)  # two reference canvases
+    emb, text_ids = fm.encode_text(pipe, ["a red circle", "a blue square"], max_sequence_length=SEQ)
+    cond = fm.make_condition(pipe, emb, text_ids, refs)
+    x0_tok, x_ids = fm.pack_target(pipe, x0)
+    n_t = x0_tok.shape[1]
+    sigma = torch.tensor([0.3, 0.8])
+    x_t, target = fm.noisy_target(x0_tok, torch.randn(x0_tok.shape, generator=gen), sigma)
+    pred = fm.transformer_forward(pipe.transformer, x_t, x_ids, sigma, cond)
+    assert pred.shape[1] == n_t + cond.ref_tokens.shape[1]
+
+    full_target = torch.cat([target, torch.zeros_like(cond.ref_tokens)], dim=1)
+    loss = fm.flow_matching_loss(pred, full_target, n_t)
+    other = torch.cat([target, 100 * torch.randn(cond.ref_tokens.shape, generator=gen)], dim=1)
+    assert fm.flow_matching_loss(pred, other, n_t).item() == loss.item()
+    perturbed = pred.detach().clone()
+    perturbed[:, n_t:] += 50.0
+    assert fm.flow_matching_loss(perturbed, full_target, n_t).item() == loss.item()
+    # the references still condition the target tokens: they are in the sequence, not in the loss
+    other_cond = fm.make_condition(pipe, emb, text_ids, refs + 1.0)
+    assert not torch.allclose(fm.transformer_forward(pipe.transformer, x_t, x_ids, sigma, other_cond)[:, :n_t], pred[:, :n_t])
+
+    loss.backward()
+    grads = [p.grad for p in pipe.transformer.parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_latent_bn_stats_describe_the_latents():
+    pipe = _pipe()
+    imgs = [_solid((int(c), 90, 200 - int(c))) for c in np.linspace(0, 200, 6)]
+    mean, var = fm.latent_bn_stats(pipe, [fm.to_pixels(pipe, imgs, H, W)])
+    fm.set_latent_bn_stats(pipe.vae, mean, var)
+    z = fm.encode_images(pipe, fm.to_pixels(pipe, imgs, H, W))  # normalised with the new statistics
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert (z.var(dim=(0, 2, 3), unbiased=False) - 1).abs().max() < 0.05
+
+
+# ---------------------------------------------------------------------------------------------------- SFT
+
+
+def test_trajectory_records_become_triplets(tmp_path):
+    from clvr_agent.training.sft_diffusion import SFTDiffusionDataset
+    from clvr_agent.types import ExecutorRequest, ImageRef, PassiveCheck, Step, Trajectory
+
+    ref = lambda name: ImageRef(path=name, sha256="0" * 64, width=16, height=16, size_bytes=1)  # noqa: E731
+    steps = [
+        Step(index=0, iteration=0, instruction="draw", request=ExecutorRequest(mode="generate", instruction="draw",
+             accumulated_prompt="a red circle", seed=0), canvas=ref("c0.png"), passive=PassiveCheck(executed=True)),
+        Step(index=1, iteration=1, instruction="add", request=ExecutorRequest(mode="edit", instruction="add",
+             accumulated_prompt="a red circle. add", references=[ref("c0.png")], seed=0), canvas=ref("c1.png"),
+             passive=PassiveCheck(executed=False)),  # did not execute: dropped
+        Step(index=2, iteration=2, instruction="fix", request=ExecutorRequest(mode="edit", instruction="fix",
+             accumulated_prompt="a red circle. fix", references=[ref("c0.png")], seed=0), canvas=ref("c2.png")),
+    ]
+    path = tmp_path / "traj.jsonl"
+    path.write_text(Trajectory(prompt="a red circle", seed=0, steps=steps).model_dump_json() + "\n")
+    ds = SFTDiffusionDataset.from_jsonl(path)
+    assert [(e.prompt, [p.rsplit("/", 1)[1] for p in e.references], e.target.rsplit("/", 1)[1]) for e in ds.examples] == [
+        ("a red circle", [], "c0.png"), ("a red circle. fix", ["c0.png"], "c2.png")]
+
+
+def test_sft_trains_transformer_text_encoder_and_vae(tmp_path, sft_data):
+    from clvr_agent.training.sft_diffusion import SFTDiffusionDataset, SFTDiffusionTrainer
+
+    pipe = _pipe()
+    ds = SFTDiffusionDataset.from_jsonl(sft_data)
+    cfg = _sft_config(tmp_path, max_steps=30, train_text_encoder=True, train_vae=True, cfg_dropout=0.0)
+    tr = SFTDiffusionTrainer(pipe, cfg, ds)
+    before = {n: [p.detach().clone() for p in m.parameters()] for n, m in tr.modules.items()}
+    tr.set_bn_stats_from_data()
+    loss0, logs0 = _eval_loss(tr, ds.examples)
+    history = tr.train()
+    loss1, logs1 = _eval_loss(tr, ds.examples)
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert loss1 < 0.85 * loss0, (loss0, loss1)  # measured 2.86 -> 2.25
+    assert logs1["vae_recon"] < logs0["vae_recon"]
+    for name, m in tr.modules.items():
+        assert any(not torch.equal(a, b) for a, b in zip(before[name], m.parameters())), f"{name} did not change"
+    assert json.loads((tmp_path / "sft-out" / "model_index.json").read_text())["_class_name"] == "Flux2KleinPipeline"
+
+
+def test_sft_resume_continues_at_the_right_step(tmp_path, sft_data):
+    import shutil
+
+    from clvr_agent.training.sft_diffusion import SFTDiffusionDataset, SFTDiffusionTrainer
+
+    ds = SFTDiffusionDataset.from_jsonl(sft_data)
+    cfg = _sft_config(tmp_path, max_steps=6, batch_size=2, checkpoint_every=3)
+    straight = SFTDiffusionTrainer(_pipe(), cfg, ds)
+    straight.train()
+    ckpts = sorted(p.name for p in (tmp_path / "sft-out" / "checkpoints").iterdir())
+    assert ckpts == ["step-0000003", "step-0000006"]
+    shutil.rmtree(tmp_path / "sft-out" / "checkpoints" / "step-0000006")  # as if killed after step 3
+
+    resumed = SFTDiffusionTrainer(_pipe(), _sft_config(tmp_path, max_steps=6, batch_size=2, checkpoint_every=3, resume=True), ds)
+    history = resumed.train()
+    assert [h["step"] for h in history] == [4, 5, 6]
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in straight.history[3:]], rel=1e-5)
+    for a, b in zip(straight.pipe.transformer.parameters(), resumed.pipe.transformer.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sft_lora_changes_only_the_adapter_and_exports_fused(tmp_path, sft_data):
+    from diffusers import Flux2KleinPipeline
+
+    from clvr_agent.training.sft_diffusion import SFTDiffusionDataset, SFTDiffusionTrainer
+
+    pipe = _pipe()
+    base = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    tr = SFTDiffusionTrainer(pipe, _sft_config(tmp_path, max_steps=3, lora_rank=4), SFTDiffusionDataset.from_jsonl(sft_data))
+    tr.train()
+    sd = pipe.transformer.state_dict()
+    assert all(torch.equal(sd[k.replace(".weight", ".base_layer.weight")] if k.replace(".weight", ".base_layer.weight") in sd else sd[k], v)
+               for k, v in base.items())
+    assert any(v.abs().sum() > 0 for k, v in sd.items() if "lora_B" in k)
+
+    loaded = Flux2KleinPipeline.from_pretrained(tmp_path / "sft-out")
+    gen = torch.Generator().manual_seed(0)
+    x, x_ids = fm.pack_target(pipe, torch.randn(1, 16, 4, 4, generator=gen))
+    with torch.no_grad():
+        cond = fm.Condition(*fm.encode_text(pipe, ["a red canvas"], max_sequence_length=SEQ))
+        v_lora = fm.velocity(pipe.transformer, x, x_ids, torch.tensor([0.5]), cond)
+        v_fused = fm.velocity(loaded.transformer, x, x_ids, torch.tensor([0.5]), cond)
+    torch.testing.assert_close(v_fused, v_lora, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- distill
+
+
+def test_distill_student_approaches_teacher_and_saves_distilled(tmp_path):
+    from diffusers import Flux2KleinPipeline
+
+    from clvr_agent.training.distill import DistillConfig, DistillTrainer
+
+    pipe = _pipe(distilled=False)
+    cfg = DistillConfig(output_dir=str(tmp_path / "student"), height=H, width=W, student_steps=4, teacher_steps=16,
+                        guidance_scale=3.0, num_pairs=8, batch_size=8, max_steps=40, learning_rate=2e-3,
+                        max_sequence_length=SEQ, checkpoint_every=0, log_every=0)
+    prompts = ["a red circle", "a blue square"]
+    tr = DistillTrainer(pipe, cfg, prompts)
+
+    def student_gap():
+        """MSE between the student's 4-step Euler endpoint and the teacher's, from the cached noise."""
+        st = tr.cache["states"]
+        cond = tr.batch_condition(tr.cache["prompt"].tolist())
+        ids = tr.cache["x_ids"].expand(st.shape[0], -1, -1)
+        with torch.no_grad():
+            out, _ = fm.sample_flow(pipe.transformer, st[:, 0], ids, cond, tr.student_sigmas(st.shape[2]))
+        return torch.mean((out[:, -1] - st[:, -1]) ** 2).item()
+
+    tr.cache = tr.build_cache()
+    gap0 = student_gap()
+    tr.cache = None
+    history = tr.train()
+    gap1 = student_gap()
+    assert gap1 < 0.5 * gap0, (gap0, gap1)
+    assert np.mean([h["loss"] for h in history[-5:]]) < np.mean([h["loss"] for h in history[:5]])
+
+    index = json.loads((tmp_path / "student" / "model_index.json").read_text())
+    assert index["is_distilled"] is True
+    student = Flux2KleinPipeline.from_pretrained(tmp_path / "student")
+    assert student.config.is_distilled
+    for a, b in zip(student.transformer.state_dict().values(), pipe.transformer.state_dict().values()):
+        assert torch.equal(a, b)
+    img = student(prompt="a red circle", num_inference_steps=4, height=H, width=W, max_sequence_length=SEQ,
+                  output_type="np").images
+    assert img.shape == (1, H, W, 3)
+
+
+# ------------------------------------------------------------------------------------------------- PPRL
+
+
+def _brightness(images, prompts, refs):
+    return [float(np.asarray(im, dtype=np.float32).mean() / 255) for im in images]
+
+
+def _pprl_config(tmp_path, **kw):
+    from clvr_agent.training.pprl import PPRLConfig
+
+    base = dict(output_dir=str(tmp_path / "pprl"), height=H, width=W, num_steps=3, group_size=4, groups_per_step=2,
+                lora_rank=4, max_sequence_length=SEQ, text_weight=1.0, checkpoint_every=0, log_every=0)
+    return PPRLConfig(**{**base, **kw})
+
+
+def test_sde_sampler_with_zero_noise_is_the_pipeline_sampler():
+    pipe = _pipe(distilled=False)
+    noise = fm.initial_noise(pipe, 1, H, W, torch.Generator().manual_seed(0))
+    want = pipe(prompt="a red circle", latents=noise, num_inference_steps=4, guidance_scale=3.0, height=H, width=W,
+                max_sequence_length=SEQ, output_type="pt").images
+    with torch.no_grad():
+        cond = fm.Condition(*fm.encode_text(pipe, ["a red circle"], max_sequence_length=SEQ))
+        uncond = fm.Condition(*fm.encode_text(pipe, [""], max_sequence_length=SEQ))
+        x, x_ids = fm.pack_target(pipe, noise)
+        states, logps = fm.sample_flow(pipe.transformer, x, x_ids, cond, fm.inference_sigmas(pipe, 4, x.shape[1]),
+                                       uncond=uncond, guidance_scale=3.0, noise_level=0.0)
+        got = fm.decode_tokens(pipe, states[:, -1], x_ids, H, W, output_type="pt")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert torch.equal(logps, torch.zeros_like(logps))
+    # and with noise the same sampler explores
+    with torch.no_grad():
+        noisy, _ = fm.sample_flow(pipe.transformer, x, x_ids, cond, fm.inference_sigmas(pipe, 4, x.shape[1]),
+                                  noise_level=0.7, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(noisy[:, -1], states[:, -1])
+
+
+def test_pprl_on_policy_ratio_is_exactly_one(tmp_path):
+    from clvr_agent.training.pprl import PPRLTrainer
+
+    cfg = _pprl_config(tmp_path, num_steps=4, guidance_scale=3.0, beta=0.1)
+    tr = PPRLTrainer(_pipe(), cfg, ["a red circle", "a blue square"], _brightness)
+    rollouts = [tr.rollout(0), tr.rollout(1)]
+    tr.advantages(rollouts)
+    for ro in rollouts:
+        assert ro.states.shape[:2] == (4, 5) and ro.log_probs.shape == (4, 4)
+        assert torch.equal(ro.log_probs[:, -1], torch.zeros(4))  # the last step is a plain ODE step
+        stats = tr.policy_loss(ro, backward=False)
+        assert torch.equal(stats["ratios"], torch.ones_like(stats["ratios"]))
+        assert stats["kl"] == 0.0  # the fresh LoRA is zero: policy == adapter-disabled reference
+        torch.testing.assert_close(ro.advantages.mean(), torch.tensor(0.0), atol=1e-5, rtol=0)
+
+
+def test_pprl_raises_a_toy_reward(tmp_path):
+    from clvr_agent.training.pprl import PPRLTrainer
+
+    cfg = _pprl_config(tmp_path, max_steps=30, learning_rate=1e-2, clip_range=1e-2)
+    tr = PPRLTrainer(_pipe(), cfg, ["a red circle", "a blue square"], _brightness)
+    history = tr.train()
+    r = [h["reward_mean"] for h in history]
+    assert all(h["ratio_mean"] == 1.0 for h in history)  # one optimizer step per rollout: on-policy
+    assert np.mean(r[-5:]) > np.mean(r[:5]) + 0.005, r
+    assert json.loads((tmp_path / "pprl" / "model_index.json").read_text())["_class_name"] == "Flux2KleinPipeline"
+
+
+# -------------------------------------------------------------------------------------------- configs, CLI
+
+
+@pytest.mark.parametrize("cls, kw, match", [
+    ("SFTDiffusionConfig", dict(lora_rank=4, train_transformer=False, train_vae=True), "set train_transformer"),
+    ("SFTDiffusionConfig", dict(batch_size=3, gradient_accumulation_steps=2), "multiple of gradient_accumulation"),
+    ("DistillConfig", dict(teacher_steps=30, student_steps=4), "multiple of student_steps"),
+    ("PPRLConfig", dict(beta=0.1, lora_rank=0), "needs lora_rank"),
+    ("PPRLConfig", dict(noise_level=0.0), "noise_level must be > 0"),
+])
+def test_configs_reject_bad_input_with_a_fix(cls, kw, match):
+    from clvr_agent.training import diffusion_configs
+
+    with pytest.raises(ValueError, match=match):
+        getattr(diffusion_configs, cls)(**kw)
+
+
+def test_cli_sft_diffusion_runs_and_rejects_bad_flags(tmp_path, sft_data):
+    from typer.testing import CliRunner
+
+    from clvr_agent.cli_train import train_app
+
+    model = tmp_path / "model"
+    _pipe().save_pretrained(model)
+    (tmp_path / "cfg.json").write_text(json.dumps({"height": H, "width": W, "max_sequence_length": SEQ}))
+    runner = CliRunner()
+    args = ["sft-diffusion", "--model", str(model), "--data", str(sft_data), "--out", str(tmp_path / "o"),
+            "--config", str(tmp_path / "cfg.json"), "--max-steps", "2", "--batch-size", "2", "--bn-stats-samples", "2",
+            "--text-encoder-out-layers", "9,18,27"]
+    res = runner.invoke(train_app, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["steps"] == 2
+    assert (tmp_path / "o" / "model_index.json").is_file()
+
+    bad = runner.invoke(train_app, args[:-2] + ["--cfg-dropout", "1.5"])
+    assert bad.exit_code == 2 and "cfg_dropout" in bad.output
+    bad = runner.invoke(train_app, ["distill", "--model", str(model), "--prompts", str(tmp_path / "missing.txt")])
+    assert bad.exit_code == 2 and "not found" in bad.output
