@@ -149,7 +149,9 @@ def fused_transformer(transformer):
                 sd[f"{name}.weight"] = sd[f"{name}.weight"] + module.get_delta_weight(adapter).to(sd[f"{name}.weight"])
     fresh = type(transformer).from_config(transformer.config)
     fresh.load_state_dict(sd)
-    return fresh.to(device=transformer.device, dtype=transformer.dtype)
+    if fresh.dtype != transformer.dtype:
+        fresh.to(dtype=transformer.dtype)
+    return fresh.to(transformer.device)
 
 
 def export_pipeline(pipe, out_dir, *, is_distilled: bool | None = None, card: dict | None = None) -> Path:
