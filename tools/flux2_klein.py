@@ -1,0 +1,384 @@
+"""FLUX.2 [klein] executor: diffusers' klein pipelines behind the :class:`Executor` protocol.
+
+One loaded checkpoint serves three modes with the same components (nothing is loaded twice):
+``generate`` (text→image), ``edit`` (the last K canvases as reference images) and ``inpaint``
+(``Flux2KleinInpaintPipeline`` over the latest canvas, masked to ``request.region``). A KV checkpoint
+(``model_index.json`` names ``Flux2KleinKVPipeline``) caches reference tokens across steps.
+
+Conditioning is trajectory-accumulative: the prompt is ``request.accumulated_prompt`` verbatim (the
+original prompt and every instruction so far, one per line) and the references are the canvases the
+graph passes in. NFE is counted with a forward hook on the transformer, so a distilled call reports
+4 and a base (CFG) call 2 × steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from PIL import Image
+
+from clvr_agent.tools.base import Cancelled, GenerationOutput, ProgressFn
+from clvr_agent.types import ExecutorRequest, Region
+
+logger = logging.getLogger(__name__)
+
+# The hidden states diffusers' klein pipelines stack into the prompt embedding (their default). A
+# checkpoint fits when its text encoder has ≥ 27 layers and joint_attention_dim == 3 × hidden size.
+TEXT_ENCODER_OUT_LAYERS = (9, 18, 27)
+DISTILLED_STEPS, DISTILLED_GUIDANCE = 4, 1.0
+BASE_STEPS, BASE_GUIDANCE = 28, 4.0
+# The pipelines pad every prompt to this many tokens; a checkpoint may ask for fewer through its
+# tokenizer's model_max_length (the tiny ones do, to stay fast on CPU).
+MAX_SEQUENCE_LENGTH = 512
+# Reference limits of Flux2ImageProcessor.check_image_input and the pipelines' resize.
+MIN_SIDE, MAX_AREA, MAX_ASPECT = 64, 1024 * 1024, 8.0
+# Inpaint re-draws the masked box from pure noise; the whole canvas still conditions it as a
+# reference, and the unmasked area is kept. strength 1.0 also keeps NFE == steps.
+INPAINT_STRENGTH = 1.0
+
+_PIPELINE_CLASSES = ("Flux2KleinPipeline", "Flux2KleinKVPipeline")
+_WEIGHTED_COMPONENTS = ("transformer", "vae", "text_encoder")
+_CONFIG_COMPONENTS = ("tokenizer", "scheduler")
+
+
+class CheckpointError(ValueError):
+    """The path or hub id does not hold a loadable FLUX.2 [klein] checkpoint; the message says why."""
+
+
+def clvr_mini_path() -> Path:
+    """Where the trained ``clvr-mini`` klein checkpoint lives inside the package."""
+    import clvr_agent
+
+    path = Path(clvr_agent.__file__).parent / "models" / "clvr-mini"
+    if not path.is_dir():
+        raise CheckpointError(
+            f"clvr-mini weights not found at {path}; train them first (the clvr-mini training stage "
+            "saves a diffusers folder there), or pass --model DIR with a FLUX.2 [klein] folder"
+        )
+    return path
+
+
+class Flux2KleinExecutor:
+    """Draws and edits canvases with a loaded klein pipeline; share one per process (see the registry)."""
+
+    name = "flux2-klein"
+
+    def __init__(self, pipe, *, source: str = "<in-memory pipeline>"):
+        from diffusers import Flux2KleinInpaintPipeline, Flux2KleinKVPipeline, Flux2KleinPipeline
+
+        if not isinstance(pipe, (Flux2KleinPipeline, Flux2KleinKVPipeline)):
+            raise TypeError(f"expected a Flux2KleinPipeline or Flux2KleinKVPipeline, got {type(pipe).__name__}")
+        _check_out_layers(pipe, source)
+        self.pipe = pipe
+        self.source = source
+        self.is_kv = isinstance(pipe, Flux2KleinKVPipeline)
+        # The KV pipeline is step-distilled by construction and has no guidance argument.
+        self.is_distilled = self.is_kv or bool(pipe.config.get("is_distilled", False))
+        # Same modules and scheduler, no copy and no dtype change (from_pipe would cast to float32).
+        self.inpaint_pipe = Flux2KleinInpaintPipeline(
+            scheduler=pipe.scheduler,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            transformer=pipe.transformer,
+            is_distilled=self.is_distilled,
+        )
+        self.max_sequence_length = prompt_max_length(pipe)
+        self.inpaint_pipe.set_progress_bar_config(disable=True)
+        self.pipe.set_progress_bar_config(disable=True)
+        # Pipelines hold per-call state (scheduler timesteps, _interrupt): one call at a time.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pipeline(cls, pipe) -> "Flux2KleinExecutor":
+        """Wrap a pipeline already in memory (tests, benchmarks, trainers)."""
+        return cls(pipe)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        torch_dtype: str | torch.dtype = "bfloat16",
+        device: Optional[str] = None,
+        offload: bool = False,
+    ) -> "Flux2KleinExecutor":
+        """Load a klein checkpoint from a local diffusers folder or a hub id (safetensors only).
+
+        ``device`` defaults to ``cuda`` when available. ``offload`` keeps each component on the CPU
+        until it runs (``enable_model_cpu_offload``). A local folder never triggers a download.
+        """
+        dtype = _torch_dtype(torch_dtype)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if offload and torch.device(device).type == "cpu":
+            raise ValueError("offload=True moves components to an accelerator on demand; pass device='cuda'")
+        local = _local_folder(model)
+        index = _check_folder(local) if local is not None else _hub_index(model)
+        class_name = index.get("_class_name")
+        if class_name not in _PIPELINE_CLASSES:
+            raise CheckpointError(
+                f"{model}: model_index.json names {class_name!r}; expected one of {', '.join(_PIPELINE_CLASSES)}"
+            )
+        import diffusers
+
+        pipeline_class = getattr(diffusers, class_name)
+        offline = local is not None or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        try:
+            pipe = pipeline_class.from_pretrained(
+                str(local or model), dtype=dtype, use_safetensors=True, local_files_only=offline
+            )
+        except OSError as exc:  # diffusers' missing-file errors; say which checkpoint and why
+            raise CheckpointError(f"could not load FLUX.2 [klein] checkpoint {model}: {exc}") from exc
+        if offload:
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+        executor = cls(pipe, source=model)
+        if offload:
+            executor.inpaint_pipe.enable_model_cpu_offload(device=device)
+        return executor
+
+    @property
+    def size_multiple(self) -> int:
+        """Output sides must be multiples of this (VAE downsampling × 2×2 latent patches)."""
+        return self.pipe.vae_scale_factor * 2
+
+    def defaults(self) -> tuple[int, float]:
+        """(steps, guidance) when the request leaves them unset: 4 / 1.0 distilled, 28 / 4.0 base (CFG)."""
+        return (DISTILLED_STEPS, DISTILLED_GUIDANCE) if self.is_distilled else (BASE_STEPS, BASE_GUIDANCE)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        request: ExecutorRequest,
+        references: list[Image.Image],
+        progress: Optional[ProgressFn] = None,
+    ) -> GenerationOutput:
+        """Run one pipeline call. ``progress(done, total)`` is called after each denoising step
+        (``done`` counts from 1); returning True stops the call and raises :class:`Cancelled`."""
+        pipe, kwargs = self._call_arguments(request, references)
+        with self._lock:
+            device = pipe._execution_device
+            kwargs["generator"] = torch.Generator(device).manual_seed(request.seed)
+            nfe, done, cancelled = 0, 0, False
+
+            def count_forward(module, args, output):
+                nonlocal nfe
+                nfe += 1
+
+            def on_step_end(p, i, t, callback_kwargs):
+                nonlocal done, cancelled
+                done = i + 1
+                if progress is not None and progress(done, p.num_timesteps):
+                    cancelled = True
+                    p._interrupt = True  # diffusers skips the remaining steps
+                return callback_kwargs
+
+            hook = pipe.transformer.register_forward_hook(count_forward)
+            t0 = time.perf_counter()
+            try:
+                image = pipe(callback_on_step_end=on_step_end, **kwargs).images[0]
+            finally:
+                hook.remove()
+            seconds = time.perf_counter() - t0
+        if cancelled:
+            raise Cancelled(f"cancelled after {done} of {kwargs['num_inference_steps']} denoising steps")
+        info = {
+            "pipeline": type(pipe).__name__,
+            "steps": kwargs["num_inference_steps"],
+            "guidance": kwargs.get("guidance_scale"),
+            "cfg": not self.is_distilled and kwargs.get("guidance_scale", 1.0) > 1,  # diffusers' rule
+            "references": len(kwargs["image"]) if request.mode == "edit" else int(request.mode == "inpaint"),
+            "height": kwargs["height"],
+            "width": kwargs["width"],
+            "prompt_tokens": self.prompt_tokens(request.accumulated_prompt),
+            "max_sequence_length": self.max_sequence_length,
+        }
+        if info["prompt_tokens"] > self.max_sequence_length:
+            logger.warning(
+                "accumulated prompt is %d tokens; the text encoder saw only the first %d (latest instructions cut)",
+                info["prompt_tokens"], self.max_sequence_length,
+            )
+        return GenerationOutput(image=image, nfe=nfe, seconds=seconds, info=info)
+
+    def _call_arguments(self, request: ExecutorRequest, references: list[Image.Image]) -> tuple[object, dict]:
+        """Pick the pipeline for ``request.mode`` and build its keyword arguments (no generator yet)."""
+        default_steps, default_guidance = self.defaults()
+        steps = request.steps or default_steps
+        guidance = default_guidance if request.guidance is None else request.guidance
+        kwargs = dict(
+            prompt=request.accumulated_prompt,
+            num_inference_steps=steps,
+            text_encoder_out_layers=TEXT_ENCODER_OUT_LAYERS,
+            max_sequence_length=self.max_sequence_length,
+            output_type="pil",
+        )
+        refs = [fit_reference(im) for im in references] if request.mode != "generate" else []
+        if request.mode == "generate":
+            pipe = self.pipe  # regenerate: the accumulated prompt alone, no references
+            height, width = self._size(request, None)
+        elif request.mode == "edit":
+            if not refs:
+                raise ValueError("mode 'edit' needs at least one reference canvas; use 'generate' to draw afresh")
+            pipe = self.pipe
+            height, width = self._size(request, refs[-1])  # default: the latest canvas's size
+            kwargs["image"] = refs
+        elif request.mode == "inpaint":
+            if not refs or request.region is None:
+                raise ValueError("mode 'inpaint' needs a reference canvas and request.region")
+            pipe = self.inpaint_pipe
+            height, width = self._size(request, refs[-1])
+            canvas = refs[-1]
+            region = scale_region(request.region, canvas.size, (width, height))
+            kwargs.update(
+                image=canvas.resize((width, height), Image.Resampling.BICUBIC) if canvas.size != (width, height) else canvas,
+                mask_image=region_mask(region, (width, height)),
+                strength=INPAINT_STRENGTH,
+            )
+        else:
+            raise ValueError(f"unknown mode {request.mode!r}; expected generate, edit or inpaint")
+        kwargs.update(height=height, width=width)
+        if not (self.is_kv and pipe is self.pipe):  # the KV pipeline takes no guidance (distilled only)
+            kwargs["guidance_scale"] = guidance
+        return pipe, kwargs
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """Token count of ``prompt`` as the text encoder sees it (chat template included, no padding)."""
+        messages = [{"role": "user", "content": prompt}]
+        text = self.pipe.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
+        return len(self.pipe.tokenizer(text).input_ids)
+
+    def _size(self, request: ExecutorRequest, canvas: Optional[Image.Image]) -> tuple[Optional[int], Optional[int]]:
+        """(height, width): the request's, else the canvas's rounded down to size_multiple, else the
+        pipeline default (1024² for the real models)."""
+        m = self.size_multiple
+        for side, value in (("height", request.height), ("width", request.width)):
+            if value is not None and (value % m or value < m):
+                raise ValueError(f"request.{side}={value} must be a positive multiple of {m} for this checkpoint")
+        if canvas is None:
+            return request.height, request.width
+        w, h = canvas.size
+        return request.height or (h // m) * m, request.width or (w // m) * m
+
+
+def prompt_max_length(pipe) -> int:
+    """Tokens every prompt is padded/truncated to: 512, or fewer when the checkpoint's tokenizer says so.
+    Trainers must use the same value, since padded text tokens take part in joint attention."""
+    return min(MAX_SEQUENCE_LENGTH, pipe.tokenizer.model_max_length)
+
+
+def fit_reference(image: Image.Image) -> Image.Image:
+    """RGB, both sides ≥ 64 px (upscaled, aspect kept) and area ≤ 1024² (downscaled), as klein needs."""
+    w, h = image.size
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise ValueError(f"reference {w}×{h} has an aspect ratio above {MAX_ASPECT:g}:1, which FLUX.2 refuses")
+    image = image.convert("RGB")
+    if min(w, h) < MIN_SIDE:  # aspect ≤ 8 keeps the upscaled area far below 1024²
+        scale = MIN_SIDE / min(w, h)
+        return image.resize((max(MIN_SIDE, round(w * scale)), max(MIN_SIDE, round(h * scale))), Image.Resampling.BICUBIC)
+    if w * h > MAX_AREA:
+        scale = (MAX_AREA / (w * h)) ** 0.5
+        return image.resize((int(w * scale), int(h * scale)), Image.Resampling.LANCZOS)
+    return image
+
+
+def scale_region(region: Region, src: tuple[int, int], dst: tuple[int, int]) -> Region:
+    """Map a pixel box on a ``src``-sized canvas (w, h) to the ``dst``-sized one, checking it is inside."""
+    sw, sh = src
+    if not (0 <= region.x0 < region.x1 <= sw and 0 <= region.y0 < region.y1 <= sh):
+        raise ValueError(f"region {region.model_dump()} is empty or outside the {sw}×{sh} canvas")
+    fx, fy = dst[0] / sw, dst[1] / sh
+    return Region(
+        x0=int(region.x0 * fx), y0=int(region.y0 * fy), x1=max(int(region.x1 * fx), int(region.x0 * fx) + 1),
+        y1=max(int(region.y1 * fy), int(region.y0 * fy) + 1),
+    )
+
+
+def region_mask(region: Region, size: tuple[int, int]) -> Image.Image:
+    """An L-mode mask of ``size`` (w, h): white (repaint) inside the box, black (keep) elsewhere."""
+    mask = Image.new("L", size, 0)
+    mask.paste(255, (region.x0, region.y0, region.x1, region.y1))
+    return mask
+
+
+def _check_out_layers(pipe, source: str) -> None:
+    te, tr = pipe.text_encoder.config, pipe.transformer.config
+    expected = len(TEXT_ENCODER_OUT_LAYERS) * te.hidden_size
+    if te.num_hidden_layers < max(TEXT_ENCODER_OUT_LAYERS) or tr.joint_attention_dim != expected:
+        raise CheckpointError(
+            f"{source}: FLUX.2 [klein] stacks text-encoder hidden states {TEXT_ENCODER_OUT_LAYERS}, so it needs "
+            f"≥ {max(TEXT_ENCODER_OUT_LAYERS)} text layers and transformer joint_attention_dim == "
+            f"{len(TEXT_ENCODER_OUT_LAYERS)} × text hidden size ({expected}); this checkpoint has "
+            f"{te.num_hidden_layers} layers and joint_attention_dim {tr.joint_attention_dim}"
+        )
+
+
+def _torch_dtype(value: str | torch.dtype) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, str(value), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown torch_dtype {value!r}; use bfloat16, float16 or float32")
+    return dtype
+
+
+def _local_folder(model: str) -> Optional[Path]:
+    """The folder ``model`` names, or None for a hub id (``owner/name``); a path-like name that does
+    not exist is an error, never a download."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{model} is a file; expected a diffusers folder with model_index.json")
+        return path
+    looks_like_path = model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") != 1
+    if looks_like_path:
+        raise CheckpointError(f"model folder {model} does not exist (expected a diffusers FLUX.2 [klein] folder)")
+    return None
+
+
+def _check_folder(folder: Path) -> dict:
+    """Read model_index.json and check each component is there with safetensors weights."""
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise CheckpointError(
+            f"{folder} has no model_index.json; expected a diffusers FLUX.2 [klein] folder "
+            "(pipe.save_pretrained(DIR), or a download of black-forest-labs/FLUX.2-klein-4B)"
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{index_path} is not valid JSON: {exc}") from exc
+    problems = []
+    for name in _WEIGHTED_COMPONENTS + _CONFIG_COMPONENTS:
+        sub = folder / name
+        if name not in index:
+            problems.append(f"model_index.json has no {name!r} entry")
+        elif not sub.is_dir():
+            problems.append(f"{name}/ is missing")
+        elif name in _WEIGHTED_COMPONENTS and not any(sub.glob("*.safetensors")):
+            problems.append(f"{name}/ has no *.safetensors weights (only safetensors are loaded)")
+    if problems:
+        raise CheckpointError(f"{folder} is not a complete FLUX.2 [klein] checkpoint: " + "; ".join(problems))
+    return index
+
+
+def _hub_index(model: str) -> dict:
+    """model_index.json of a hub id, from the local cache when HF_HUB_OFFLINE is set."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(model, "model_index.json")).read_text())
+    except (OSError, ValueError) as exc:  # not cached offline, no such repo, or an invalid id
+        raise CheckpointError(
+            f"could not get model_index.json for hub id {model!r} ({type(exc).__name__}: {exc}); "
+            "pass a local diffusers folder, or make the id available in the HF cache"
+        ) from exc
