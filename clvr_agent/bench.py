@@ -130,7 +130,8 @@ def bench_kv_refs(repeat: int = 3) -> dict:
     from clvr_agent.types import ExecutorRequest
 
     plain_pipe = _bench_pipeline(distilled=True)
-    kv_pipe = Flux2KleinKVPipeline(**{k: v for k, v in plain_pipe.components.items()})
+    # Its own copy of the same weights: building a KV pipeline swaps the transformer's attention processors.
+    kv_pipe = Flux2KleinKVPipeline(**_bench_pipeline(distilled=True).components)
     executors = {"plain": Flux2KleinExecutor.from_pipeline(plain_pipe), "kv": Flux2KleinExecutor.from_pipeline(kv_pipe)}
     rows = []
     for n_refs in range(4):

@@ -11,6 +11,8 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the test suite may reach the model hub
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they lose 3x to contention.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

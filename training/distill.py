@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from clvr_agent.training import diffusion_loop as dl
 from clvr_agent.training.diffusion_configs import DistillConfig
 from clvr_agent.training import flow_matching as fm
+from clvr_agent.tools.flux2_klein import prompt_max_length
 from clvr_agent.training.pprl import plain_proxy
 
 
@@ -74,7 +75,7 @@ class DistillTrainer:
             refs = None
             if proxy.references:
                 refs = fm.encode_images(pipe, fm.to_pixels(pipe, proxy.references, cfg.height, cfg.width)).unsqueeze(0)
-            emb = fm.encode_text(pipe, ["" if uncond else proxy.text], max_sequence_length=cfg.max_sequence_length,
+            emb = fm.encode_text(pipe, ["" if uncond else proxy.text], max_sequence_length=cfg.max_sequence_length or prompt_max_length(pipe),
                                  text_encoder_out_layers=cfg.text_encoder_out_layers)
             self._conds[(i, uncond)] = fm.make_condition(pipe, *emb, refs)
         return self._conds[(i, uncond)]

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from clvr_agent.training import diffusion_loop as dl
 from clvr_agent.training.diffusion_configs import PPRLConfig
 from clvr_agent.training import flow_matching as fm
+from clvr_agent.tools.flux2_klein import prompt_max_length
 
 RewardFn = Callable[[list[Image.Image], list[str], list[list[Image.Image]]], list[float]]
 
@@ -114,7 +115,7 @@ class PPRLTrainer:
     @torch.no_grad()
     def condition(self, proxy: ProxyPrompt) -> tuple[fm.Condition, fm.Condition | None]:
         cfg, pipe = self.cfg, self.pipe
-        kw = dict(max_sequence_length=cfg.max_sequence_length, text_encoder_out_layers=cfg.text_encoder_out_layers)
+        kw = dict(max_sequence_length=cfg.max_sequence_length or prompt_max_length(pipe), text_encoder_out_layers=cfg.text_encoder_out_layers)
         refs = None
         if proxy.references:
             px = fm.to_pixels(pipe, proxy.references, cfg.height, cfg.width)

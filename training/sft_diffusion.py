@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from clvr_agent.training import diffusion_loop as dl
 from clvr_agent.training.diffusion_configs import SFTDiffusionConfig
 from clvr_agent.training import flow_matching as fm
+from clvr_agent.tools.flux2_klein import prompt_max_length
 
 
 @dataclass
@@ -163,7 +164,7 @@ class SFTDiffusionTrainer:
                     refs = fm.encode_images(pipe, ref_px).unflatten(0, (len(idx), k))  # (B, K, 4C, h, w)
             embeds, text_ids = fm.encode_text(
                 pipe, [prompts[i] for i in idx], text_encoder=self.run.get("text_encoder"),
-                max_sequence_length=cfg.max_sequence_length, text_encoder_out_layers=cfg.text_encoder_out_layers,
+                max_sequence_length=cfg.max_sequence_length or prompt_max_length(pipe), text_encoder_out_layers=cfg.text_encoder_out_layers,
             )
             cond = fm.make_condition(pipe, embeds, text_ids, refs)
             x0_tok, x_ids = fm.pack_target(pipe, x0)  # (B, 4C, h, w) -> (B, h·w, 4C)
