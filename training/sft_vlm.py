@@ -1,0 +1,582 @@
+"""VLM SFT: Qwen3-VL on the controller's side of verified trajectories, loss on assistant turns only.
+
+A trajectory record (``clvr_agent.types.Trajectory``, as ``clvr synth`` writes it) becomes the controller
+calls that produced it: plan, step check, verify and correct. Each call's user message is built from the
+same prompt constants (:mod:`clvr_agent.tools.prompts`) and helpers the chat controller sends at inference,
+and its assistant reply is the JSON record the controller parses (``PlanReply``, ``PassiveCheck``,
+``Verdict``, ``Correction``). Two renderings:
+
+- ``dialogue="trajectory"`` (default): one interleaved multi-turn dialogue per trajectory: the controller's
+  role as the system turn, then for every call a user turn (the task paragraph of that call's system prompt,
+  its user text and canvases where they occur) and the assistant's reply. Earlier canvases are already in the
+  dialogue, so history images are not repeated.
+- ``dialogue="calls"``: every call as its own conversation, exactly the messages the controller sends in text
+  mode (task system prompt with the JSON schema, user text, history canvases, current canvas).
+
+The collator applies the processor's chat template, so images expand to their real token counts where
+they occur, and sets labels to -100 everywhere except each assistant span: from after
+``<|im_start|>assistant\\n`` through the ``<|im_end|>`` that ends the turn (Qwen's own recipe).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from clvr_agent.tools import prompts
+from clvr_agent.tools.chat_controller import (
+    PlanReply,
+    _constraint_lines,
+    _step_line,
+    downscale,
+    estimate_tokens,
+)
+from clvr_agent.types import Correction, ImageRef, PassiveCheck, Step, Trajectory, Verdict
+
+IGNORE_INDEX = -100
+# Attention and MLP projections of the language model (the vision tower and merger stay as they are).
+LORA_TARGET_MODULES = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
+TASKS = {  # task -> (system prompt at inference, reply schema)
+    "plan": (prompts.PLAN_SYSTEM, PlanReply),
+    "check": (prompts.CHECK_SYSTEM, PassiveCheck),
+    "verify": (prompts.VERIFY_SYSTEM, Verdict),
+    "correct": (prompts.CORRECT_SYSTEM, Correction),
+}
+_TO_CORRECTION_MODE = {"generate": "regenerate", "edit": "edit", "inpaint": "inpaint"}
+
+
+# ---------------------------------------------------------------- trajectories -> controller calls
+
+
+@dataclass
+class Exchange:
+    """One controller call: its task, the user content (text blocks and image paths) and the reply text."""
+
+    task: Literal["plan", "check", "verify", "correct"]
+    user: list[dict]  # {"type": "text", "text": ...} | {"type": "image", "path": ...}
+    reply: str
+    history_images: list[dict] = field(default_factory=list)  # blocks the controller adds in "calls" mode
+
+
+def _text(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def _image(ref: ImageRef, root: Path) -> dict:
+    path = Path(ref.path)
+    return {"type": "image", "path": str(path if path.is_absolute() else root / path)}
+
+
+def _history_text(history: Sequence[Step], budget: int) -> str:
+    """The controller's ``_history`` text: newest lines that fit the token budget, oldest first."""
+    lines: list[str] = []
+    for step in reversed(history):
+        line = _step_line(step)
+        if estimate_tokens(line) > budget:
+            break
+        budget -= estimate_tokens(line)
+        lines.append(line)
+    omitted = len(history) - len(lines)
+    lines.reverse()
+    if omitted:
+        lines.insert(0, prompts.HISTORY_OMITTED.format(count=omitted))
+    return "\n".join(lines) or prompts.HISTORY_EMPTY
+
+
+def _history_images(history: Sequence[Step], current: ImageRef, root: Path, limit: int) -> list[dict]:
+    """Up to ``limit`` most recent earlier canvases (not the current one), labelled, oldest first."""
+    picked = [s for s in reversed(history) if s.canvas is not None and s.canvas.sha256 != current.sha256][:limit]
+    blocks: list[dict] = []
+    for s in reversed(picked):
+        blocks += [_text(prompts.HISTORY_IMAGE_LABEL.format(index=s.index)), _image(s.canvas, root)]
+    return blocks
+
+
+def trajectory_exchanges(
+    traj: Trajectory, root: Path, *, history_token_budget: int = 2048, history_images: int = 2
+) -> list[Exchange]:
+    """The controller calls of one trajectory, in the order the loop made them.
+
+    Steps without a canvas or with an error are skipped; a fallback plan (the controller failed) is not a
+    target. The correction after a verified step is read back from the next iteration's first step.
+    """
+    plan = traj.plan
+    out: list[Exchange] = []
+    if plan is not None and not plan.fallback:
+        reply = PlanReply(constraints=plan.constraints, first_instruction=plan.first_instruction, reasoning=plan.reasoning)
+        out.append(Exchange("plan", [_text(prompts.PLAN_USER.format(prompt=traj.prompt))], reply.model_dump_json()))
+    steps = [s for s in traj.steps if s.canvas is not None and s.error is None]
+    for i, step in enumerate(steps):
+        if step.passive is not None:
+            refs = step.request.references
+            user = [_text(prompts.CHECK_USER.format(instruction=step.instruction))]
+            if step.request.mode == "generate" or not refs:
+                user.append(_text(prompts.CHECK_NO_BEFORE))
+            else:
+                user += [_text(prompts.BEFORE_LABEL), _image(refs[-1], root)]
+            user += [_text(prompts.AFTER_LABEL), _image(step.canvas, root)]
+            out.append(Exchange("check", user, step.passive.model_dump_json()))
+        if step.verdict is None or plan is None:
+            continue
+        prior = [s for s in steps[:i] if s.accepted]  # the graph's accepted_canvases(steps[:-1])
+        text = prompts.VERIFY_USER.format(prompt=traj.prompt, constraints=_constraint_lines(plan.constraints),
+                                          history=_history_text(prior, history_token_budget))
+        out.append(Exchange("verify", [_text(text), _text(prompts.CURRENT_CANVAS_LABEL), _image(step.canvas, root)],
+                            step.verdict.model_dump_json(),
+                            _history_images(prior, step.canvas, root, history_images)))
+        nxt = next((s for s in steps[i + 1:] if s.iteration == step.iteration + 1), None)
+        if nxt is None or not step.accepted:
+            continue
+        unmet_ids = {c.id for c in step.verdict.unmet()}
+        unmet = [c for c in plan.constraints if c.id in unmet_ids]
+        history = steps[: i + 1]
+        text = prompts.CORRECT_USER.format(
+            prompt=traj.prompt, constraints=_constraint_lines(plan.constraints),
+            unmet=_constraint_lines(unmet) if unmet else prompts.HISTORY_EMPTY,
+            summary=step.verdict.summary or prompts.HISTORY_EMPTY,
+            history=_history_text(history, history_token_budget),
+            width=step.canvas.width, height=step.canvas.height,
+        )
+        correction = Correction(instruction=nxt.instruction, mode=_TO_CORRECTION_MODE[nxt.request.mode],
+                                reasoning=nxt.reasoning, region=nxt.request.region)
+        out.append(Exchange("correct", [_text(text), _text(prompts.CURRENT_CANVAS_LABEL), _image(step.canvas, root)],
+                            correction.model_dump_json(),
+                            _history_images(history, step.canvas, root, history_images)))
+    return out
+
+
+def task_paragraph(task: str) -> str:
+    """The part of a task's system prompt after the shared controller role ("Task: ...")."""
+    system = TASKS[task][0]
+    if not system.startswith(prompts.CONTROLLER_ROLE):
+        raise ValueError(f"the {task} system prompt no longer starts with CONTROLLER_ROLE; update task_paragraph")
+    return system[len(prompts.CONTROLLER_ROLE):].strip()
+
+
+def text_mode_system(task: str) -> str:
+    """The system prompt the chat controller sends in text mode (no tool calling, as for local Qwen3-VL)."""
+    system, schema = TASKS[task]
+    return system + "\n\n" + prompts.JSON_REPLY.format(schema=json.dumps(schema.model_json_schema()))
+
+
+def render_dialogues(exchanges: Sequence[Exchange], dialogue: str) -> list[list[dict]]:
+    """Chat-format conversations (images still as paths) for ``dialogue`` = "trajectory" or "calls"."""
+    if dialogue == "trajectory":
+        conv = [{"role": "system", "content": prompts.CONTROLLER_ROLE}]
+        for ex in exchanges:
+            conv.append({"role": "user", "content": [_text(task_paragraph(ex.task)), *ex.user]})
+            conv.append({"role": "assistant", "content": ex.reply})
+        return [conv] if exchanges else []
+    if dialogue == "calls":
+        convs = []
+        for ex in exchanges:
+            # The controller puts history canvases between its text and the current-canvas label.
+            user = [ex.user[0], *ex.history_images, *ex.user[1:]]
+            convs.append([{"role": "system", "content": text_mode_system(ex.task)},
+                          {"role": "user", "content": user},
+                          {"role": "assistant", "content": ex.reply}])
+        return convs
+    raise ValueError(f"dialogue must be 'trajectory' or 'calls', got {dialogue!r}")
+
+
+# ---------------------------------------------------------------- dataset
+
+
+def trajectory_files(data: str | Path) -> list[Path]:
+    """A JSONL file, or a synth folder: its shards ``data-*.jsonl`` (always current), else its ``data.jsonl``."""
+    path = Path(data)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ValueError(f"no trajectory data at {path}: give a synth folder or a .jsonl file")
+    files = sorted(path.glob("data-*.jsonl")) or sorted(path.glob("data.jsonl"))
+    if not files:
+        raise ValueError(f"{path} holds no data-*.jsonl or data.jsonl; run `clvr synth --out {path}` first")
+    return files
+
+
+def load_trajectories(data: str | Path) -> list[tuple[Trajectory, Path]]:
+    """Every record as ``(trajectory, folder its relative image paths resolve against)``."""
+    out = []
+    for f in trajectory_files(data):
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append((Trajectory.model_validate_json(line), f.parent))
+                except ValueError as exc:
+                    raise ValueError(f"{f}:{n}: not a trajectory record ({str(exc).splitlines()[0]})") from None
+    return out
+
+
+class TrajectoryDialogueDataset:
+    """Conversations (chat format, image paths) built from trajectory records; item ``i`` is one conversation."""
+
+    def __init__(self, conversations: Sequence[list[dict]]):
+        if not conversations:
+            raise ValueError("the SFT dataset is empty: the trajectories hold no controller calls to learn")
+        self.conversations = list(conversations)
+
+    @classmethod
+    def from_trajectories(cls, records: Sequence[tuple[Trajectory, Path]], *, dialogue: str = "trajectory",
+                          history_token_budget: int = 2048, history_images: int = 2) -> "TrajectoryDialogueDataset":
+        convs = []
+        for traj, root in records:
+            ex = trajectory_exchanges(traj, root, history_token_budget=history_token_budget, history_images=history_images)
+            convs.extend(render_dialogues(ex, dialogue))
+        return cls(convs)
+
+    @classmethod
+    def from_path(cls, data: str | Path, **kw) -> "TrajectoryDialogueDataset":
+        return cls.from_trajectories(load_trajectories(data), **kw)
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        return self.conversations[i]
+
+
+# ---------------------------------------------------------------- collator
+
+
+class AssistantOnlyCollator:
+    """Tokenizes conversations with the processor's chat template; labels only on assistant spans.
+
+    Images are opened here (``path`` blocks), downscaled like the controller's (longer side ``image_size``)
+    and handed to the processor in the order they occur. Returns ``input_ids``, ``attention_mask``,
+    ``labels`` (right-padded) and the processor's image tensors.
+    """
+
+    def __init__(self, processor, *, image_size: int = 512, max_length: Optional[int] = None):
+        self.processor, self.image_size, self.max_length = processor, image_size, max_length
+        tok = processor.tokenizer
+        self.header = tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids
+        self.end_id = tok.convert_tokens_to_ids("<|im_end|>")
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.end_id
+        if self.end_id is None or self.end_id == tok.unk_token_id:
+            raise ValueError("the tokenizer has no <|im_end|> token: this collator needs a Qwen-style chat template")
+
+    def _with_pixels(self, conv: list[dict]) -> list[dict]:
+        out = []
+        for msg in conv:
+            content = msg["content"]
+            if not isinstance(content, str):
+                content = [self._open(b) if b["type"] == "image" else b for b in content]
+            out.append({"role": msg["role"], "content": content})
+        return out
+
+    def _open(self, block: dict) -> dict:
+        with Image.open(block["path"]) as im:
+            return {"type": "image", "image": downscale(im, self.image_size)}
+
+    def assistant_labels(self, input_ids: list[int]) -> list[int]:
+        """-100 everywhere except after each ``<|im_start|>assistant\\n`` through its ``<|im_end|>``."""
+        labels = [IGNORE_INDEX] * len(input_ids)
+        h, i = len(self.header), 0
+        while i + h <= len(input_ids):
+            if input_ids[i:i + h] != self.header:
+                i += 1
+                continue
+            j = i + h
+            while j < len(input_ids) and input_ids[j] != self.end_id:
+                labels[j] = input_ids[j]
+                j += 1
+            if j < len(input_ids):
+                labels[j] = input_ids[j]  # the end-of-turn token is learned: it is how the model stops
+            i = j + 1
+        return labels
+
+    def encode(self, conv: list[dict]) -> dict:
+        enc = self.processor.apply_chat_template(self._with_pixels(conv), tokenize=True, return_dict=True,
+                                                 return_tensors="pt")
+        ids = enc["input_ids"][0].tolist()
+        if self.max_length is not None and len(ids) > self.max_length:
+            # Cutting would leave image tokens without their pixels (or an unfinished reply): refuse instead.
+            raise ValueError(f"a conversation has {len(ids)} tokens, more than max_length={self.max_length}; "
+                             f"raise max_length, lower image_size, or use dialogue='calls'")
+        enc = dict(enc)
+        enc["labels"] = self.assistant_labels(ids)
+        return enc
+
+    def __call__(self, conversations: Sequence[list[dict]]) -> dict:
+        import torch
+
+        encs = [self.encode(c) for c in conversations]
+        width = max(len(e["labels"]) for e in encs)
+        batch: dict[str, Any] = {}
+
+        def pad(key: str, value) -> "torch.Tensor":
+            rows = []
+            for e in encs:
+                row = e[key][0].tolist() if key != "labels" else e["labels"]
+                rows.append(row + [value] * (width - len(row)))
+            return torch.tensor(rows, dtype=torch.long)  # (B, T)
+
+        batch["input_ids"] = pad("input_ids", self.pad_id)
+        batch["attention_mask"] = pad("attention_mask", 0)
+        batch["labels"] = pad("labels", IGNORE_INDEX)
+        if "mm_token_type_ids" in encs[0]:
+            batch["mm_token_type_ids"] = pad("mm_token_type_ids", 0)
+        with_images = [e for e in encs if "pixel_values" in e]
+        if with_images:
+            batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])  # (sum patches, C·T·P·P)
+            batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])  # (images, 3)
+        return batch
+
+
+# ---------------------------------------------------------------- config and trainer
+
+
+@dataclass
+class SFTVLMConfig:
+    """Supervised fine-tuning of the Qwen3-VL controller on verified trajectories (assistant-only loss)."""
+
+    output_dir: str = field(default="runs/sft-vlm", metadata={"help": "Model folder written at the end (LoRA merged); checkpoints under <output_dir>/checkpoints."})
+    dialogue: str = field(default="trajectory", metadata={"help": "trajectory: one interleaved multi-turn dialogue per trajectory; calls: one conversation per controller call, exactly as at inference."})
+    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=4, metadata={"help": "Conversations per optimizer step per process (split into micro-batches)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW peak learning rate."})
+    lr_scheduler: str = field(default="constant_with_warmup", metadata={"help": "constant | constant_with_warmup | linear | cosine."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip (0 disables)."})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank on the language model's projections; 0 = full fine-tune."})
+    lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha; 0 means 2 × rank."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default=LORA_TARGET_MODULES, metadata={"help": "Regex over module names for LoRA."})
+    train_vision: bool = field(default=False, metadata={"help": "Full fine-tune only: also train the vision tower and merger."})
+    image_size: int = field(default=512, metadata={"help": "Longer side of each canvas before the processor (the controller's image_size)."})
+    history_token_budget: int = field(default=2048, metadata={"help": "The controller's history_token_budget for the 'Steps so far' text."})
+    history_images: int = field(default=2, metadata={"help": "The controller's history_images (used by dialogue='calls')."})
+    max_length: int = field(default=32768, metadata={"help": "Longest conversation in tokens; a longer one is an error, never cut."})
+    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (accelerate)."})
+    seed: int = field(default=0, metadata={"help": "Seed for data order and dropout."})
+    checkpoint_every: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps (0 = only at the end)."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "How many checkpoints to keep."})
+    log_every: int = field(default=10, metadata={"help": "Append a line to <output_dir>/log.jsonl every N steps."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir."})
+
+    def __post_init__(self):
+        import re
+
+        if self.dialogue not in ("trajectory", "calls"):
+            raise ValueError(f"dialogue {self.dialogue!r}: use 'trajectory' (multi-turn) or 'calls' (one per controller call)")
+        if self.max_steps < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("max_steps, batch_size and gradient_accumulation_steps must be ≥ 1")
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of gradient_accumulation_steps {self.gradient_accumulation_steps}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.lora_rank < 0:
+            raise ValueError("lora_rank must be ≥ 0 (0 = full fine-tune)")
+        if self.lora_rank and self.train_vision:
+            raise ValueError("train_vision applies to a full fine-tune: drop train_vision or set lora_rank 0")
+        if self.lora_rank and not self.lora_alpha:
+            self.lora_alpha = 2.0 * self.lora_rank
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        try:
+            re.compile(self.lora_target_modules)
+        except re.error as exc:
+            raise ValueError(f"lora_target_modules is not a valid regular expression ({exc})") from None
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}")
+        if self.max_length < 16:
+            raise ValueError(f"max_length must be at least 16 tokens, got {self.max_length}")
+        if self.lr_scheduler not in ("constant", "constant_with_warmup", "linear", "cosine"):
+            raise ValueError(f"lr_scheduler {self.lr_scheduler!r}: use constant, constant_with_warmup, linear or cosine")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision {self.mixed_precision!r}: use no, fp16 or bf16")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError("checkpoint_every must be ≥ 0 and keep_checkpoints ≥ 1")
+
+
+class SFTVLMTrainer:
+    """``SFTVLMTrainer(model, processor, config, dataset).train()`` -> list of logged metrics per step."""
+
+    def __init__(self, model, processor, config: SFTVLMConfig, dataset: TrajectoryDialogueDataset):
+        import torch
+        from accelerate import Accelerator
+        from transformers import get_scheduler
+
+        self.cfg, self.processor, self.dataset = config, processor, dataset
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
+        model.config.use_cache = False
+        if config.lora_rank:
+            from peft import LoraConfig, get_peft_model
+
+            with torch.random.fork_rng(devices=[]):  # the adapter's init depends on the seed alone
+                torch.manual_seed(config.seed)
+                model = get_peft_model(model, LoraConfig(
+                    r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                    target_modules=config.lora_target_modules, init_lora_weights=True))
+        else:
+            model.requires_grad_(True)
+            if not config.train_vision:
+                model.model.visual.requires_grad_(False)
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("no trainable parameters: lora_target_modules matched no module")
+        self.collator = AssistantOnlyCollator(processor, image_size=config.image_size, max_length=config.max_length)
+        opt = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        sched = get_scheduler(config.lr_scheduler, opt, num_warmup_steps=config.warmup_steps,
+                              num_training_steps=config.max_steps)
+        self.run, self.optimizer, self.lr_scheduler = self.accelerator.prepare(model, opt, sched)
+        self.step = 0
+        self.history: list[dict] = []
+
+    def batch_indices(self, step: int) -> list[int]:
+        """Conversations of optimizer step ``step`` on this process: a function of the step, so resume is exact."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        per_step = self.cfg.batch_size * world
+        out = []
+        for k in range(step * per_step, (step + 1) * per_step):
+            epoch, pos = divmod(k, len(self.dataset))
+            perm = list(range(len(self.dataset)))
+            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(perm)
+            out.append(perm[pos])
+        return out[rank::world]
+
+    def loss(self, batch: dict) -> tuple["torch.Tensor", int]:
+        """Mean cross-entropy over this micro-batch's assistant tokens, and how many there were."""
+        batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        with self.accelerator.autocast():
+            out = self.run(**batch)
+        return out.loss, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def evaluate(self, indices: Sequence[int]) -> float:
+        """Token-weighted assistant loss on the given conversations (no gradient)."""
+        import torch
+
+        self.run.eval()
+        total, tokens = 0.0, 0
+        with torch.no_grad():
+            for i in indices:
+                loss, n = self.loss(self.collator([self.dataset[i]]))
+                total, tokens = total + loss.item() * n, tokens + n
+        self.run.train()
+        return total / max(tokens, 1)
+
+    def train(self) -> list[dict]:
+        cfg, acc = self.cfg, self.accelerator
+        out = Path(cfg.output_dir)
+        ckpt = latest_checkpoint(out) if cfg.resume else None
+        if cfg.resume and ckpt is None:
+            raise ValueError(f"--resume: no checkpoint under {out / 'checkpoints'}; drop --resume to start fresh")
+        if ckpt is not None:
+            self.step = self._load_checkpoint(ckpt)
+        micro = cfg.batch_size // cfg.gradient_accumulation_steps
+        self.run.train()
+        bar = tqdm(range(self.step, cfg.max_steps), initial=self.step, total=cfg.max_steps, desc="sft-vlm",
+                   disable=not acc.is_local_main_process)
+        for step in bar:
+            convs = [self.dataset[i] for i in self.batch_indices(step)]
+            batches = [self.collator(convs[s:s + micro]) for s in range(0, len(convs), micro)]
+            n_total = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+            if n_total == 0:
+                raise ValueError(f"step {step}: the batch has no assistant tokens; check the dataset")
+            step_loss = 0.0
+            for b in batches:
+                loss, n = self.loss(b)
+                loss = loss * (n / n_total)  # token-weighted mean over the whole optimizer step
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"non-finite loss at step {step}: lower learning_rate or resume from the last checkpoint")
+                acc.backward(loss)
+                step_loss += loss.item()
+            grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step = step + 1
+            rec = {"step": self.step, "loss": step_loss, "tokens": n_total, "lr": self.lr_scheduler.get_last_lr()[0]}
+            if grad_norm is not None:
+                rec["grad_norm"] = float(grad_norm)
+            self.history.append(rec)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            if acc.is_main_process and cfg.log_every and self.step % cfg.log_every == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
+                self.save_checkpoint()
+        self.save_checkpoint()
+        if acc.is_main_process:
+            self.export(out)
+        acc.wait_for_everyone()
+        return self.history
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def _trainable_state(self) -> dict:
+        model = self.accelerator.unwrap_model(self.run)
+        return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> None:
+        """``checkpoints/step-N/``: trainable tensors (safetensors) + optimizer, schedule and RNG state."""
+        import torch
+        from safetensors.torch import save_file
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return
+        root = Path(self.cfg.output_dir) / "checkpoints"
+        final, tmp = root / f"step-{self.step:07d}", root / f".tmp-step-{self.step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = self._trainable_state()
+        # Tied embeddings share storage; safetensors refuses shared tensors, so store independent copies.
+        save_file({k: v.clone() for k, v in state.items()}, str(tmp / "trainable.safetensors"))
+        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                    "lr_scheduler": self.lr_scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "python_rng": random.getstate()}, tmp / "training_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(root.glob("step-*"))[:-self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self, ckpt: Path) -> int:
+        import torch
+        from safetensors.torch import load_file
+
+        sd = load_file(str(ckpt / "trainable.safetensors"))
+        params = dict(self.accelerator.unwrap_model(self.run).named_parameters())
+        missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(sd))
+        if missing or set(sd) - set(params):
+            raise ValueError(f"checkpoint {ckpt} does not match this model/config (lora_rank, train_vision): "
+                             f"missing {missing[:3]}, unexpected {sorted(set(sd) - set(params))[:3]}")
+        with torch.no_grad():
+            for name, value in sd.items():
+                params[name].copy_(value.to(params[name]))
+        state = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        return int(state["step"])
+
+    def export(self, out: Path) -> Path:
+        """Save a plain Qwen3-VL folder (safetensors, LoRA merged in place) plus the processor."""
+        model = self.accelerator.unwrap_model(self.run)
+        if self.cfg.lora_rank:
+            model = model.merge_and_unload()  # the trainer's model is plain afterwards; training is over
+        model.config.use_cache = True
+        model.save_pretrained(out, safe_serialization=True)
+        self.processor.save_pretrained(out)
+        (out / "training_args.json").write_text(json.dumps({"stage": "sft-vlm", **asdict(self.cfg)}, indent=2))
+        return out
+
+
+def latest_checkpoint(out_dir: str | Path) -> Optional[Path]:
+    found = sorted((Path(out_dir) / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
