@@ -42,7 +42,7 @@ def _prompt_seed(seed: int, i: int) -> int:
 class _Runner:
     """Draws one prompt in ``single`` mode (one executor call) or ``loop`` mode (the CLVR graph)."""
 
-    def __init__(self, mode: str, backend: str, workdir: str) -> None:
+    def __init__(self, mode: str, backend: str, workdir: str, max_iterations: int = 8) -> None:
         if mode not in ("single", "loop"):
             raise ValueError(f"mode must be 'single' or 'loop', got {mode!r}")
         self.mode = mode
@@ -53,7 +53,7 @@ class _Runner:
         else:
             from clvr_agent.api import create_clvr
 
-            self.runnable = create_clvr(backend, artifact_dir=workdir)
+            self.runnable = create_clvr(backend, artifact_dir=workdir, max_iterations=max_iterations)
 
     def __call__(self, prompt: str, seed: int) -> tuple[Image.Image, int, str]:
         """(final image, iterations, status)."""
@@ -73,12 +73,12 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _run_lines(lines: list[dict], mode: str, seed: int, backend: str, progress: bool,
-               desc: str, samples_dir: Optional[Path] = None) -> list[dict]:
+def _run_lines(lines: list[dict], mode: str, seed: int, backend: str, progress: bool, desc: str,
+               samples_dir: Optional[Path] = None, max_iterations: int = 8) -> list[dict]:
     detect = _detector("shapeworld")
     rows = []
     with tempfile.TemporaryDirectory(prefix="clvr-eval-") as work:
-        run = _Runner(mode, backend, work)
+        run = _Runner(mode, backend, work, max_iterations)
         for i, line in enumerate(_bar(lines, len(lines), desc, progress)):
             image, iterations, status = run(line["prompt"], _prompt_seed(seed, i))
             passed, reason = evaluate_image(line, detect(image))
@@ -99,6 +99,7 @@ def eval_shapeworld(
     out_dir: str = "eval-shapeworld",
     backend: str = "shapeworld",
     progress: bool = True,
+    max_iterations: int = 8,
 ) -> dict:
     """GenEval-style benchmark over ShapeWorld: ``n`` prompts cycling the six tasks.
 
@@ -112,11 +113,12 @@ def eval_shapeworld(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = geneval_lines(n, seed)
-    rows = _run_lines(lines, mode, seed, backend, progress, f"eval {mode}", samples_dir=out)
+    rows = _run_lines(lines, mode, seed, backend, progress, f"eval {mode}", samples_dir=out,
+                      max_iterations=max_iterations)
     _write_jsonl(out / "results.jsonl", rows)
     summary = summarize([{"tag": r["tag"], "correct": r["passed"]} for r in rows])
     summary.update(mean_iterations=float(np.mean([r["iterations"] for r in rows])), n=n, mode=mode,
-                   seed=seed, backend=backend)
+                   seed=seed, backend=backend, max_iterations=max_iterations)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _plot_tags(summary, out / "summary.png", f"ShapeWorld GenEval-style, {mode} (n={n})")
     return summary
@@ -157,6 +159,7 @@ def probe(
     out_dir: str = "probe-shapeworld",
     backend: str = "shapeworld",
     progress: bool = True,
+    max_iterations: int = 8,
 ) -> dict:
     """Pass rate against prompt complexity (tier = atomic constraints), single step vs the loop.
 
@@ -171,10 +174,11 @@ def probe(
     lines = tier_lines(tiers, per_tier, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"tiers": tiers, "per_tier": per_tier, "seed": seed, "backend": backend}
+    summary: dict = {"tiers": tiers, "per_tier": per_tier, "seed": seed, "backend": backend,
+                     "max_iterations": max_iterations}
     all_rows = []
     for mode in ("single", "loop"):
-        rows = _run_lines(lines, mode, seed, backend, progress, f"probe {mode}")
+        rows = _run_lines(lines, mode, seed, backend, progress, f"probe {mode}", max_iterations=max_iterations)
         passes = [float(np.mean([r["passed"] for r in rows if r["tier"] == t])) for t in tiers]
         iters = [float(np.mean([r["iterations"] for r in rows if r["tier"] == t])) for t in tiers]
         summary[mode] = {"pass_by_tier": passes, "auc": float(np.mean(passes) * 100), "iterations_by_tier": iters}

@@ -66,8 +66,8 @@ def select_detections(tag: str, detections: Sequence[Detection]) -> dict[str, li
     for det in detections:
         if det.score > threshold:
             by_class.setdefault(det.cls, []).append(det)
-    # A stable sort on the negated score keeps equal scores in detector order, like argsort()[::-1]
-    # would not; ties are measure-zero for real detectors and irrelevant to the rules.
+    # Equal scores keep detector order (the official argsort()[::-1] reverses them); no rule
+    # depends on the order of exact ties.
     return {c: sorted(ds, key=lambda d: -d.score)[:MAX_OBJECTS] for c, ds in by_class.items()}
 
 
