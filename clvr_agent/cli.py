@@ -226,30 +226,15 @@ def merge(
 
 
 def _mount_subcommands() -> None:
-    """Sub-apps live beside their code; each is optional until its module exists."""
-    import importlib
+    """Sub-apps live beside their code: eval/probe, bench, train, synth."""
+    from clvr_agent import cli_bench, cli_data, cli_eval, cli_train
 
-    for module, attr, name in [
-        ("clvr_agent.cli_eval", "eval_app", "eval"),
-        ("clvr_agent.cli_bench", "bench_app", "bench"),
-        ("clvr_agent.cli_train", "train_app", "train"),
-    ]:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                continue
-            raise
-        app.add_typer(getattr(mod, attr), name=name)
-    for module in ("clvr_agent.cli_eval", "clvr_agent.cli_data"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                continue
-            raise
-        if hasattr(mod, "register"):
-            mod.register(app)
+    app.add_typer(cli_eval.eval_app, name="eval")
+    app.add_typer(cli_bench.bench_app, name="bench")
+    app.add_typer(cli_train.train_app, name="train")
+    cli_eval.register(app)
+    cli_data.register(app)
+    cli_data.register_train(cli_train.train_app)
 
 
 _mount_subcommands()

@@ -1,0 +1,96 @@
+"""The `clvr` command line on the embedded ShapeWorld backend: outputs, JSON, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from clvr_agent.cli import app
+
+runner = CliRunner()
+PROMPT = "a photo of two red circles left of a blue square"
+
+
+def clvr(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_generate_writes_run_folder(tmp_path):
+    out = tmp_path / "run"
+    res = clvr("generate", PROMPT, "--out", str(out), "--json", "--seed", "1")
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result["status"] in ("satisfied", "budget_exhausted", "no_progress")
+    for name in ("final.png", "trajectory.json", "trace.html", "checkpoints.sqlite"):
+        assert (out / name).is_file(), name
+    traj = json.loads((out / "trajectory.json").read_text())
+    assert traj["schema_version"] == "1.0" and traj["prompt"] == PROMPT
+    assert all(Path(s["canvas"]["path"]).parent == (out / "steps").resolve() for s in traj["steps"])
+    html = (out / "trace.html").read_text()
+    assert PROMPT in html and "Stop reason" in html and 'src="steps/' in html
+
+
+def test_json_stdout_is_one_object(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "clvr_agent.cli", "generate", "a photo of a blue star", "--out",
+         str(tmp_path / "r"), "--json"], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(proc.stdout)) >= {"status", "final_image", "iterations"}
+
+
+def test_trace_command_rerenders(tmp_path):
+    out = tmp_path / "run"
+    assert clvr("generate", PROMPT, "--out", str(out)).exit_code == 0
+    (out / "trace.html").unlink()
+    res = clvr("trace", str(out))
+    assert res.exit_code == 0 and (out / "trace.html").is_file()
+    assert "step 0" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "", "--out", "{tmp}/a"], "prompt is empty"),
+        (["generate", "   ", "--out", "{tmp}/a"], "prompt is empty"),
+        (["generate", "x" * 2500, "--out", "{tmp}/a"], "limit is 2000"),
+        (["generate", PROMPT, "--out", "{tmp}/a", "--backend", "nope"], "known: clvr-mini, flux2-klein, shapeworld"),
+        (["generate", PROMPT, "--out", "{tmp}/a", "--reference", "{tmp}/missing.png"], "reference image not found"),
+        (["generate", PROMPT, "--out", "{tmp}/a", "--reference", "{tmp}/bad.png"], "not a readable image"),
+        (["generate", PROMPT, "--out", "{tmp}/a", "--backend", "flux2-klein"], "needs --model"),
+        (["trace", "{tmp}/nowhere"], "no trajectory.json"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
+    (tmp_path / "bad.png").write_text("nope")
+    res = clvr(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "a").exists()
+
+
+def test_nonempty_out_is_kept_without_resume_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    assert clvr("generate", PROMPT, "--out", str(out)).exit_code == 0
+    before = sorted(p.name for p in out.iterdir())
+    res = clvr("generate", PROMPT, "--out", str(out))
+    assert res.exit_code == 2 and "--resume" in res.output
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert clvr("generate", PROMPT, "--out", str(out), "--overwrite").exit_code == 0
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    res = clvr("generate", PROMPT, "--out", str(tmp_path / "x"), "--resume")
+    assert res.exit_code == 2 and "nothing to resume" in res.output
+
+
+def test_interactive_approves_at_terminal(tmp_path):
+    res = runner.invoke(app, ["generate", PROMPT, "--out", str(tmp_path / "r"), "--interactive"], input="y\ny\n")
+    assert res.exit_code == 0, res.output
+    assert "Approve the plan?" in res.output
