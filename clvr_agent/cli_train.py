@@ -19,7 +19,7 @@ import typer
 
 from clvr_agent.training.diffusion_configs import DistillConfig, PPRLConfig, SFTDiffusionConfig
 
-train_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train FLUX.2 [klein]: SFT, distillation, PPRL.")
+train_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train FLUX.2 klein and the Qwen3-VL controller: SFT, distillation, PPRL.")
 
 _COMMON = {"output_dir", "resume"}  # spelled --out and --resume
 
