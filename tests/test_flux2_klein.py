@@ -266,3 +266,15 @@ def test_gpu_bfloat16_and_offload(tiny_klein_dir):
         edit = ex.generate(request("edit"), [out.image])
         assert out.nfe == 4 and edit.nfe == 4 and edit.image.size == (64, 64)
         assert ex.pipe.transformer.dtype == torch.bfloat16
+
+
+def test_long_accumulated_prompt_keeps_prompt_and_latest_instruction(tiny_klein):
+    from clvr_agent.tools.flux2_klein import Flux2KleinExecutor
+
+    ex = Flux2KleinExecutor.from_pipeline(tiny_klein)
+    lines = ["a photo of a red circle"] + [f"instruction number {i} " + "x" * 20 for i in range(20)]
+    fitted = ex.fit_prompt("\n".join(lines))
+    assert ex.prompt_tokens(fitted) <= ex.max_sequence_length
+    kept = fitted.split("\n")
+    assert kept[0] == lines[0] and kept[-1] == lines[-1] and 1 < len(kept) < len(lines)
+    assert ex.fit_prompt("a short prompt") == "a short prompt"

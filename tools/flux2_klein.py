@@ -203,7 +203,7 @@ class Flux2KleinExecutor:
         }
         if info["prompt_tokens"] > self.max_sequence_length:
             logger.warning(
-                "accumulated prompt is %d tokens; the text encoder saw only the first %d (latest instructions cut)",
+                "accumulated prompt is %d tokens (limit %d): oldest instructions dropped, the prompt and latest kept",
                 info["prompt_tokens"], self.max_sequence_length,
             )
         return GenerationOutput(image=image, nfe=nfe, seconds=seconds, info=info)
@@ -214,7 +214,7 @@ class Flux2KleinExecutor:
         steps = request.steps or default_steps
         guidance = default_guidance if request.guidance is None else request.guidance
         kwargs = dict(
-            prompt=request.accumulated_prompt,
+            prompt=self.fit_prompt(request.accumulated_prompt),
             num_inference_steps=steps,
             text_encoder_out_layers=TEXT_ENCODER_OUT_LAYERS,
             max_sequence_length=self.max_sequence_length,
@@ -248,6 +248,22 @@ class Flux2KleinExecutor:
         if not (self.is_kv and pipe is self.pipe):  # the KV pipeline takes no guidance (distilled only)
             kwargs["guidance_scale"] = guidance
         return pipe, kwargs
+
+    def fit_prompt(self, accumulated: str) -> str:
+        """The accumulated prompt cut to the text encoder's length by dropping the *oldest* instructions.
+
+        Line 1 is the user's prompt and always stays; then as many of the most recent instructions
+        as fit. (Plain truncation would cut the newest instruction, the one this step must execute.)
+        """
+        if self.prompt_tokens(accumulated) <= self.max_sequence_length:
+            return accumulated
+        head, *instructions = accumulated.split("\n")
+        kept: list[str] = []
+        for line in reversed(instructions):
+            if self.prompt_tokens("\n".join([head, line, *kept])) > self.max_sequence_length:
+                break
+            kept.insert(0, line)
+        return "\n".join([head, *kept])
 
     def prompt_tokens(self, prompt: str) -> int:
         """Token count of ``prompt`` as the text encoder sees it (chat template included, no padding)."""
