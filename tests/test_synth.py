@@ -123,6 +123,8 @@ def test_resume_does_not_redo_prompts(tmp_path, backends):
     executor, ctl = backends
     judge = VerifierJudge(ctl)
     first = synth(tmp_path, backends, n=6, judge=judge)
+    with open(tmp_path / "data-00000-of-00001.jsonl", "a") as f:
+        f.write('{"schema_version": "1.0", "prom')  # a run killed mid-write
     rec = RecordingController(ctl)
     second = synth(tmp_path, backends, n=10, judge=judge, controller=rec)
     prompts = load_prompts(SynthConfig(out=str(tmp_path), n=10))

@@ -147,8 +147,10 @@ def shard_name(kind: str, shard: tuple[int, int]) -> str:
     return f"{kind}-{shard[0]:05d}-of-{shard[1]:05d}.jsonl"
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+def _complete_lines(path: Path) -> list[str]:
+    """Lines of a JSONL file another process may be appending to: a last line without its newline is unfinished."""
+    text = path.read_text() if path.is_file() else ""
+    return [ln for ln in text[: text.rfind("\n") + 1].splitlines() if ln.strip()]
 
 
 def _repair_tail(path: Path) -> None:
@@ -164,8 +166,7 @@ def done_keys(out: Path) -> set[tuple[str, int]]:
     """(prompt, seed) of every prompt any shard has finished, kept or not."""
     keys = set()
     for f in [*out.glob("done-*.jsonl"), *out.glob("data-*.jsonl")]:
-        _repair_tail(f)
-        keys |= {(r["prompt"], r["seed"]) for r in _read_jsonl(f)}
+        keys |= {(r["prompt"], r["seed"]) for r in map(json.loads, _complete_lines(f))}
     return keys
 
 
@@ -173,7 +174,10 @@ def _check_identity(out: Path, identity: dict) -> None:
     path = out / "synth_config.json"
     if not path.is_file():
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(identity, indent=2, sort_keys=True))
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".json")  # shards may start together
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(identity, indent=2, sort_keys=True))
+        os.replace(tmp, path)
         return
     old = json.loads(path.read_text())
     diff = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
@@ -233,6 +237,9 @@ def synthesize(config: SynthConfig, executor, controller, judge: Optional[Judge]
                     controller=getattr(controller, "name", type(controller).__name__))
     _check_identity(out, identity)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    data_path, done_path = out / shard_name("data", config.shard), out / shard_name("done", config.shard)
+    for own in (data_path, done_path):  # only this shard's files: others may be mid-append
+        _repair_tail(own)
     prompts = load_prompts(config)
     judge = judge or VerifierJudge(controller)
     finished = done_keys(out)
@@ -243,7 +250,6 @@ def synthesize(config: SynthConfig, executor, controller, judge: Optional[Judge]
     try:
         settings = Settings(max_iterations=config.max_iterations, artifact_dir=str(work), **config.loop_settings)
         loop = create_clvr(context=ClvrContext(executor=executor, controller=controller, settings=settings))
-        data_path, done_path = out / shard_name("data", config.shard), out / shard_name("done", config.shard)
         data_path.touch()  # an empty shard is still a shard: merging and loading see it
         bar = tqdm(mine, desc=f"synth {k}/{n_shards}", disable=not config.progress)
         for index, prompt, seed in bar:
@@ -293,11 +299,9 @@ def merge_shards(out: str | Path) -> Path:
         raise ValueError(f"{out} holds no data-*.jsonl shards; run `clvr synth --out {out}` first")
     records: dict[tuple, str] = {}
     for f in files:
-        _repair_tail(f)
-        for line in f.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                records.setdefault((rec["seed"], rec["prompt"]), line)
+        for line in _complete_lines(f):
+            rec = json.loads(line)
+            records.setdefault((rec["seed"], rec["prompt"]), line)
     merged = out / "data.jsonl"
     tmp = out / ".data.jsonl.tmp"
     tmp.write_text("".join(records[key] + "\n" for key in sorted(records)))
