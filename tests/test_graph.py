@@ -277,3 +277,42 @@ def test_unreadable_reference_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         run.invoke({"prompt": "p", "references": [str(tmp_path / "missing.png")]})
     assert ex.requests == []
+
+
+def _runtime(ctx):
+    from langgraph.runtime import Runtime
+
+    return Runtime(context=ctx)
+
+
+def test_nodes_on_their_own(tmp_path):
+    from clvr_agent.graphs.graph import correct_canvas, generate_canvas, plan_prompt, stop_run, verify_canvas
+
+    ex, ctl = PixelExecutor(), ScriptedController(scores=(0.5,))
+    ctx = ClvrContext(executor=ex, controller=ctl, settings=Settings(artifact_dir=str(tmp_path)))
+    rt = _runtime(ctx)
+    state = {"prompt": "  a red circle ", "seed": 2}
+    state.update(plan_prompt(state, rt))
+    assert state["prompt"] == "a red circle" and state["iteration"] == 1 and state["pending"].mode == "regenerate"
+    update = generate_canvas(state, rt)
+    assert list(update) == ["steps"] and update["steps"][0].canvas.width == 64
+    state["steps"] = update["steps"]
+    update = verify_canvas(state, rt)
+    assert update["steps"][0].verdict.score == 0.5 and update["attempt"] == 0
+    state["steps"] = update["steps"]
+    assert route_after_verify(state, rt) == "correct"
+    update = correct_canvas(state, rt)
+    assert update["iteration"] == 2 and update["pending"].instruction.startswith("add")
+    state["max_iterations"] = 1
+    final = stop_run(state, rt)
+    assert final["status"] == "budget_exhausted" and final["final_image"] == state["steps"][0].canvas.path
+    assert final["trajectory"]["steps"][0]["verdict"]["score"] == 0.5
+
+
+def test_second_run_loads_nothing(tmp_path):
+    from clvr_agent.tools import registry
+
+    registry.clear_cache()
+    for i in range(2):
+        create_clvr("shapeworld", artifact_dir=str(tmp_path)).invoke({"prompt": "a photo of a red circle", "seed": i})
+    assert registry.LOAD_COUNTS == {"executor:shapeworld": 1, "controller:shapeworld": 1}
