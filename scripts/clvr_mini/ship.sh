@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Ship a clvr-mini stage into the package (clvr_agent/models/clvr-mini, what --backend clvr-mini loads).
+#   bash scripts/clvr_mini/ship.sh FOLDER                 # a finished stage's diffusers folder
+#   bash scripts/clvr_mini/ship.sh --run RUN --start START  # the newest checkpoint of a running stage
+set -euo pipefail
+DEST=$(python -c "import clvr_agent, pathlib; print(pathlib.Path(clvr_agent.__file__).parent / 'models' / 'clvr-mini')")
+if [ "$1" = "--run" ]; then
+  python scripts/clvr_mini/export_checkpoint.py --run "$2" --start "$4" --out "$DEST"
+else
+  rm -rf "$DEST"; mkdir -p "$(dirname "$DEST")"; cp -r "$1" "$DEST"
+  rm -rf "$DEST/checkpoints" "$DEST/log.jsonl" "$DEST/teacher_cache"*
+fi
+du -sh "$DEST"; ls "$DEST"
