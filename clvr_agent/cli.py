@@ -11,42 +11,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
+
+from clvr_agent.cli_common import controller_options, err, executor_options, fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="CLVR: closed-loop verified reasoning for text-to-image.")
-err = Console(stderr=True)
-
-
-def fail(message: str) -> None:
-    """One line on stderr, exit code 2."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(2)
-
-
-def _executor_options(backend: str, model, dtype, device, offload) -> dict:
-    if backend in ("flux2-klein", "clvr-mini"):
-        if backend == "flux2-klein" and not model:
-            fail("--backend flux2-klein needs --model (a hub id or a local diffusers folder)")
-        opts = {"torch_dtype": dtype, "device": device, "offload": offload}
-        if model:
-            opts["model"] = model
-        return opts
-    if model:
-        fail(f"--model is not used by --backend {backend}")
-    return {}
-
-
-def _controller_options(controller: Optional[str], vlm, base_url, model_name, dtype, device) -> dict:
-    if controller == "qwen3-vl":
-        if not vlm:
-            fail("--controller qwen3-vl needs --vlm (a hub id or a local folder)")
-        return {"vlm": vlm, "torch_dtype": dtype, "device": device}
-    if controller == "chat-model":
-        if not base_url:
-            fail("--controller chat-model needs --base-url (an OpenAI-compatible server) and --model-name")
-        return {"base_url": base_url, "model_name": model_name}
-    return {}
 
 
 @app.command()
@@ -97,8 +66,8 @@ def generate(
             fail(f"unknown backend {backend!r}; known: {', '.join(executor_names())}")
         if controller is not None and controller not in controller_names():
             fail(f"unknown controller {controller!r}; known: {', '.join(controller_names())}")
-        ex_opts = _executor_options(backend, model, dtype, device, offload)
-        ctl_opts = _controller_options(controller, vlm, base_url, model_name, dtype, device)
+        ex_opts = executor_options(backend, model, dtype, device, offload)
+        ctl_opts = controller_options(controller, vlm, base_url, model_name, dtype, device)
         prepare_out_dir(out, resume=resume, overwrite=overwrite)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc).splitlines()[0])

@@ -47,7 +47,7 @@ def synth(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Run the loop on generated prompts and keep the verified trajectories that beat a single-step draw."""
-    from clvr_agent.cli import _controller_options, _executor_options
+    from clvr_agent.cli_common import controller_options, executor_options
     from clvr_agent.tools.registry import controller_names, executor_names, get_controller, get_executor
     from clvr_agent.training.synth import SynthConfig, merge_shards, synthesize
 
@@ -58,8 +58,8 @@ def synth(
     try:
         config = SynthConfig(out=str(out), n=n, seed=seed, prompts=prompts, max_tier=max_tier,
                              shard=parse_shard(shard), max_iterations=max_iterations, progress=progress)
-        executor = get_executor(backend, **_executor_options(backend, model, dtype, device, False))
-        ctl = get_controller(controller, **_controller_options(controller, vlm, None, None, dtype, device))
+        executor = get_executor(backend, **executor_options(backend, model, dtype, device, False))
+        ctl = get_controller(controller, **controller_options(controller, vlm, None, None, dtype, device))
         report = synthesize(config, executor, ctl)
     except (ValueError, FileNotFoundError) as exc:
         raise _fail(str(exc).splitlines()[0]) from None

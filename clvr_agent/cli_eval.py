@@ -12,7 +12,7 @@ eval_app = typer.Typer(no_args_is_help=True, help="Measure the loop: ShapeWorld,
 
 
 def _fail(message: str) -> None:
-    from clvr_agent.cli import fail
+    from clvr_agent.cli_common import fail
 
     fail(message)
 

@@ -1,0 +1,41 @@
+"""Pieces every ``clvr`` subcommand shares: the one-line error and backend option checks."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit code 2."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def executor_options(backend: str, model, dtype, device, offload) -> dict:
+    if backend in ("flux2-klein", "clvr-mini"):
+        if backend == "flux2-klein" and not model:
+            fail("--backend flux2-klein needs --model (a hub id or a local diffusers folder)")
+        opts = {"torch_dtype": dtype, "device": device, "offload": offload}
+        if model:
+            opts["model"] = model
+        return opts
+    if model:
+        fail(f"--model is not used by --backend {backend}")
+    return {}
+
+
+def controller_options(controller: Optional[str], vlm, base_url, model_name, dtype, device) -> dict:
+    if controller == "qwen3-vl":
+        if not vlm:
+            fail("--controller qwen3-vl needs --vlm (a hub id or a local folder)")
+        return {"vlm": vlm, "torch_dtype": dtype, "device": device}
+    if controller == "chat-model":
+        if not base_url:
+            fail("--controller chat-model needs --base-url (an OpenAI-compatible server) and --model-name")
+        return {"base_url": base_url, "model_name": model_name}
+    return {}
