@@ -59,3 +59,41 @@ def test_trajectory_schema_is_versioned():
     schema = trajectory_json_schema()
     assert schema["version"] == "1.0" and "steps" in schema["properties"]
     json.dumps(schema)
+
+
+def test_studio_graph_runs_without_context():
+    """langgraph.json serves graphs/studio.py:graph; the server passes no context and no checkpointer."""
+    import json as _json
+    from pathlib import Path
+
+    spec = _json.loads((Path(__file__).parent.parent / "langgraph.json").read_text())
+    assert spec["graphs"]["clvr"] == "./graphs/studio.py:graph"
+    from clvr_agent.graphs.studio import graph
+
+    assert graph.checkpointer is None
+    out = graph.invoke({"prompt": "a photo of a green star"})
+    assert out["status"] in ("satisfied", "budget_exhausted", "no_progress") and Path(out["final_image"]).is_file()
+
+
+def test_trace_renders_in_headless_chromium(tmp_path):
+    import shutil
+
+    import pytest
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on this machine")
+    from clvr_agent.runs import write_outputs
+    from clvr_agent.types import Trajectory
+
+    out = _runnable(tmp_path / "art").invoke({"prompt": "a red circle"})
+    write_outputs(tmp_path, Trajectory.model_validate(out["trajectory"]))
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--no-first-run", f"--user-data-dir={tmp_path / 'prof'}", f"--screenshot={shot}",
+                    "--window-size=900,1200", (tmp_path / "trace.html").as_uri()],
+                   capture_output=True, timeout=60, check=True)
+    from PIL import Image
+
+    colours = Image.open(shot).convert("RGB").getcolors(1 << 20)
+    assert colours is not None and len(colours) > 50  # text, badges and canvases, not a blank page
