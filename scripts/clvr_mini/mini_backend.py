@@ -10,6 +10,8 @@ docs/clvr_mini.md, "What the executor needs"), this adapter wraps the *same* exe
 * reference canvases are resized to that size before the executor sees them;
 * the drawn canvas is upscaled (Lanczos) to 256 px for the controller and the evaluator.
 
+It also wraps the ShapeWorld controller (``SpeakableController``) around one bug that noisy canvases hit.
+
 Measured ceiling of that round trip on ground-truth canvases (256 → 64 → 256, 60 GenEval prompts):
 0.92 overall with Lanczos (counting 0.7; everything else ≥ 0.8).
 """
@@ -47,10 +49,40 @@ class NativeSizeExecutor:
         return getattr(self.inner, item)
 
 
+class SpeakableController:
+    """The ShapeWorld controller, except that a repair it cannot put into words becomes a redraw.
+
+    ``NP.text`` has number words up to ten only, so on a canvas with, say, 15 spurious pink blobs
+    ``recolor fifteen pink stars`` raises ``KeyError`` inside ``correct`` and the whole evaluation
+    stops (tools/shapeworld/language.py; reported). A redraw is what the controller itself issues when
+    it has no edit to offer, so that is the fallback here, and only for that error.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name = inner.name
+
+    def correct(self, prompt, plan, verdict, canvas, history):
+        from clvr_agent.tools.shapeworld.language import WORDS
+        from clvr_agent.types import Correction
+
+        try:
+            return self.inner.correct(prompt, plan, verdict, canvas, history)
+        except KeyError as exc:
+            if exc.args and isinstance(exc.args[0], int) and exc.args[0] not in WORDS:
+                return Correction(instruction=f"redraw: {prompt.strip()}", mode="regenerate",
+                                  reasoning=f"a repair names {exc.args[0]} objects, past the instruction language's number words")
+            raise
+
+    def __getattr__(self, item):
+        return getattr(self.inner, item)
+
+
 def register(model: str, name: str = "clvr-mini") -> None:
     """Make ``--backend NAME`` (registry and ``create_clvr``) this adapter over the folder ``model``."""
     from clvr_agent.tools.flux2_klein import Flux2KleinExecutor
-    from clvr_agent.tools.registry import clear_cache, executor_names, register_executor
+    from clvr_agent.tools.registry import clear_cache, executor_names, register_controller, register_executor
+    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
 
     executor_names()  # registers the built-ins first, so ours replaces clvr-mini rather than being replaced
 
@@ -61,4 +93,5 @@ def register(model: str, name: str = "clvr-mini") -> None:
         return NativeSizeExecutor(Flux2KleinExecutor.from_pretrained(**kw))
 
     register_executor(name, factory)
+    register_controller("shapeworld", lambda **kw: SpeakableController(ShapeWorldController(**kw)))
     clear_cache()

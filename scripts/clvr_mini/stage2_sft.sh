@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# clvr-mini stage 2: trajectory SFT of the base on the loop's own steps (edit triplets: accumulated
+# prompt + wrong canvas as reference -> repaired canvas) mixed 2:1 with text→image pairs, so the
+# model learns multi-reference editing without forgetting to draw. Transformer only (text encoder
+# and VAE stay the base's), so θ_sft − θ_base lives in the transformer for the DSWM merge.
+#   W=clvr_mini_work SFT_STEPS=500 bash scripts/clvr_mini/stage2_sft.sh
+set -euo pipefail
+W=${W:-clvr_mini_work}
+BASE=${BASE:-$W/base}
+SFT_STEPS=${SFT_STEPS:-500}
+RESUME=${RESUME:-}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+[ -f "$W/data_sft/data.jsonl" ] || python -m clvr_agent.training.clvr_mini_data "$W/data_sft" --pairs 1500 --edits 3000 --seed 2
+clvr train sft-diffusion --model "$BASE" --data "$W/data_sft/data.jsonl" --out "$W/sft" $RESUME \
+  --max-steps "$SFT_STEPS" --batch-size 16 --learning-rate 5e-4 --warmup-steps 20 --max-sequence-length 48 \
+  --height 64 --width 64 --no-set-bn-stats --log-every 10 --checkpoint-every 100 --keep-checkpoints 1
