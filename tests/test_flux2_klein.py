@@ -278,3 +278,38 @@ def test_long_accumulated_prompt_keeps_prompt_and_latest_instruction(tiny_klein)
     kept = fitted.split("\n")
     assert kept[0] == lines[0] and kept[-1] == lines[-1] and 1 < len(kept) < len(lines)
     assert ex.fit_prompt("a short prompt") == "a short prompt"
+
+
+def test_native_draw_size_and_canvas_size(tiny_klein, tmp_path):
+    """A checkpoint trained at a small native size draws there and hands the loop a larger canvas."""
+    import json
+
+    from PIL import Image
+
+    from clvr_agent.tools.flux2_klein import Flux2KleinExecutor
+    from clvr_agent.types import ExecutorRequest, Region
+
+    tiny_klein.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "clvr_canvas.json").write_text(json.dumps({"draw_size": 64, "canvas_size": 128}))
+    ex = Flux2KleinExecutor.from_pretrained(str(tmp_path / "m"), torch_dtype="float32", device="cpu")
+    assert (ex.draw_size, ex.canvas_size) == (64, 128)
+    seen = []
+    hook = ex.pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["hidden_states"].shape[1]), with_kwargs=True)
+    try:
+        req = ExecutorRequest(mode="generate", instruction="a", accumulated_prompt="a red circle", seed=0)
+        first = ex.generate(req, []).image
+        edit = ex.generate(req.model_copy(update={"mode": "edit"}), [first]).image
+        region = Region(x0=0, y0=0, x1=64, y1=64)
+        inpaint = ex.generate(req.model_copy(update={"mode": "inpaint", "region": region}), [first]).image
+    finally:
+        hook.remove()
+    assert first.size == edit.size == inpaint.size == (128, 128)
+    tokens_64 = seen[0]  # 64x64 draw; an edit adds one 64x64 reference of the same length
+    assert seen[4] == 2 * tokens_64
+    (tmp_path / "m" / "clvr_canvas.json").write_text(json.dumps({"draw": 64}))
+    import pytest
+
+    from clvr_agent.tools.flux2_klein import CheckpointError
+
+    with pytest.raises(CheckpointError, match="unknown keys"):
+        Flux2KleinExecutor.from_pretrained(str(tmp_path / "m"), torch_dtype="float32", device="cpu")

@@ -70,7 +70,17 @@ class Flux2KleinExecutor:
 
     name = "flux2-klein"
 
-    def __init__(self, pipe, *, source: str = "<in-memory pipeline>"):
+    def __init__(
+        self,
+        pipe,
+        *,
+        source: str = "<in-memory pipeline>",
+        draw_size: Optional[int] = None,
+        canvas_size: Optional[int] = None,
+    ):
+        """``draw_size``: the side the checkpoint draws at when a request names no size (references are
+        resized to it). ``canvas_size``: the side of the canvas handed back to the loop (resized with
+        Lanczos) — for a model trained at a small native size, such as clvr-mini (64 → 256)."""
         from diffusers import Flux2KleinInpaintPipeline, Flux2KleinKVPipeline, Flux2KleinPipeline
 
         if not isinstance(pipe, (Flux2KleinPipeline, Flux2KleinKVPipeline)):
@@ -78,6 +88,8 @@ class Flux2KleinExecutor:
         _check_out_layers(pipe, source)
         self.pipe = pipe
         self.source = source
+        self.draw_size = draw_size
+        self.canvas_size = canvas_size
         self.is_kv = isinstance(pipe, Flux2KleinKVPipeline)
         # The KV pipeline is step-distilled by construction and has no guidance argument.
         self.is_distilled = self.is_kv or bool(pipe.config.get("is_distilled", False))
@@ -109,6 +121,8 @@ class Flux2KleinExecutor:
         torch_dtype: str | torch.dtype = "bfloat16",
         device: Optional[str] = None,
         offload: bool = False,
+        draw_size: Optional[int] = None,
+        canvas_size: Optional[int] = None,
     ) -> "Flux2KleinExecutor":
         """Load a klein checkpoint from a local diffusers folder or a hub id (safetensors only).
 
@@ -140,7 +154,9 @@ class Flux2KleinExecutor:
             pipe.enable_model_cpu_offload(device=device)
         else:
             pipe.to(device)
-        executor = cls(pipe, source=model)
+        sizes = _canvas_config(local) if local is not None else {}
+        executor = cls(pipe, source=model, draw_size=draw_size or sizes.get("draw_size"),
+                       canvas_size=canvas_size or sizes.get("canvas_size"))
         if offload:
             executor.inpaint_pipe.enable_model_cpu_offload(device=device)
         return executor
@@ -188,6 +204,8 @@ class Flux2KleinExecutor:
             finally:
                 hook.remove()
             seconds = time.perf_counter() - t0
+        if self.canvas_size and image.size != (self.canvas_size, self.canvas_size):
+            image = image.resize((self.canvas_size, self.canvas_size), Image.Resampling.LANCZOS)
         if cancelled:
             raise Cancelled(f"cancelled after {done} of {kwargs['num_inference_steps']} denoising steps")
         info = {
@@ -220,6 +238,10 @@ class Flux2KleinExecutor:
             max_sequence_length=self.max_sequence_length,
             output_type="pil",
         )
+        originals = references
+        if self.draw_size:
+            side = self.draw_size
+            references = [im.convert("RGB").resize((side, side), Image.Resampling.LANCZOS) for im in references]
         refs = [fit_reference(im) for im in references] if request.mode != "generate" else []
         if request.mode == "generate":
             pipe = self.pipe  # regenerate: the accumulated prompt alone, no references
@@ -236,7 +258,7 @@ class Flux2KleinExecutor:
             pipe = self.inpaint_pipe
             height, width = self._size(request, refs[-1])
             canvas = refs[-1]
-            region = scale_region(request.region, canvas.size, (width, height))
+            region = scale_region(request.region, originals[-1].size, (width, height))
             kwargs.update(
                 image=canvas.resize((width, height), Image.Resampling.BICUBIC) if canvas.size != (width, height) else canvas,
                 mask_image=region_mask(region, (width, height)),
@@ -281,9 +303,25 @@ class Flux2KleinExecutor:
             if value is not None and (value % m or value < m):
                 raise ValueError(f"request.{side}={value} must be a positive multiple of {m} for this checkpoint")
         if canvas is None:
-            return request.height, request.width
+            default = self.draw_size
+            return request.height or default, request.width or default
         w, h = canvas.size
         return request.height or (h // m) * m, request.width or (w // m) * m
+
+
+CANVAS_CONFIG = "clvr_canvas.json"
+
+
+def _canvas_config(folder: Path) -> dict:
+    """Optional ``clvr_canvas.json`` in a checkpoint folder: ``{"draw_size": 64, "canvas_size": 256}``."""
+    path = folder / CANVAS_CONFIG
+    if not path.is_file():
+        return {}
+    sizes = json.loads(path.read_text())
+    unknown = set(sizes) - {"draw_size", "canvas_size"}
+    if unknown:
+        raise CheckpointError(f"{path}: unknown keys {sorted(unknown)}; expected draw_size and canvas_size")
+    return sizes
 
 
 def prompt_max_length(pipe) -> int:
