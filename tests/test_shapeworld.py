@@ -347,3 +347,11 @@ def test_eval_writes_geneval_layout_and_score_folder_agrees(tmp_path):
     official = [json.loads(x) for x in (tmp_path / "sc" / "results.jsonl").read_text().splitlines()]
     assert {"filename", "tag", "prompt", "correct", "reason"} <= set(official[0])
     assert [r["correct"] for r in official] == [r["passed"] for r in rows]
+
+
+def test_counts_past_ten_round_trip_as_digits():
+    from clvr_agent.tools.shapeworld.language import NP, parse_np
+
+    np_ = NP("star", 15, "pink")
+    assert np_.text() == "15 pink stars" and parse_np(np_.text()) == np_
+    assert parse_np("three red circles") == NP("circle", 3, "red")

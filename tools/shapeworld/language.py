@@ -23,7 +23,8 @@ NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seve
            "nine": 9, "ten": 10}
 WORDS = {v: k for k, v in NUMBERS.items()}
 _SINGULAR = {p: c for c, p in PLURALS.items()}
-_DET = r"(a|an|the|all|" + "|".join(NUMBERS) + r")"
+# Counts past ten (a noisy canvas can hold fifteen blobs to remove) are written as digits.
+_DET = r"(a|an|the|all|\d+|" + "|".join(NUMBERS) + r")"
 _COL = r"(?:(" + "|".join(COLORS) + r")\s+)?"
 _CLS = r"(" + "|".join(sorted(list(CLASSES) + list(PLURALS.values()), key=len, reverse=True)) + r")"
 _NP = _DET + r"\s+" + _COL + _CLS
@@ -49,7 +50,7 @@ class NP:
         elif self.count == 1:
             det = "an" if (self.color or self.cls)[0] in "aeiou" else "a"
         else:
-            det = WORDS[self.count]
+            det = WORDS.get(self.count, str(self.count))
         return " ".join(w for w in (det, self.color, noun) if w)
 
     def matches(self, cls: str, color: Optional[str]) -> bool:
@@ -61,7 +62,7 @@ def _np_from(det: str, color: Optional[str], noun: str, text: str) -> NP:
     plural = noun != cls
     if det in ("the", "all"):
         return NP(cls, None, color)
-    count = 1 if det in ("a", "an") else NUMBERS[det]
+    count = 1 if det in ("a", "an") else int(det) if det.isdigit() else NUMBERS[det]
     if plural != (count > 1):
         raise ValueError(f"number disagreement in {text!r}: {det} {noun}")
     return NP(cls, count, color)
