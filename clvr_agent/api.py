@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Union
 
 from langchain_core.runnables import Runnable, RunnableBinding
@@ -98,8 +99,9 @@ class ClvrRunnable(RunnableBinding):
         self.clvr_context.cancel.set()
 
 
+@functools.lru_cache(maxsize=1)
 def default_context() -> ClvrContext:
-    """The embedded backend, for runs that arrive without a context (LangGraph Studio)."""
+    """The embedded backend, for runs that arrive without a context (LangGraph Studio); one per process."""
     return build_context("shapeworld")
 
 
