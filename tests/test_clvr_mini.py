@@ -1,0 +1,59 @@
+"""The shipped clvr-mini checkpoint: it loads through the ``clvr-mini`` registry backend, draws, and the loop runs on it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clvr_agent.tools.flux2_klein import clvr_mini_path
+from clvr_agent.types import ExecutorRequest
+
+SIDE = 64  # clvr-mini's native resolution (the pipeline default would be 512 px)
+PROMPT = "a photo of a red circle left of a blue square"
+
+
+@pytest.fixture(scope="module")
+def executor():
+    from clvr_agent.tools.registry import get_executor
+
+    return get_executor("clvr-mini", torch_dtype="float32", device="cpu")
+
+
+def test_folder_is_small_safetensors_and_word_level():
+    folder = clvr_mini_path()
+    weights = list(folder.rglob("*.safetensors"))
+    assert {w.parent.name for w in weights} == {"transformer", "vae", "text_encoder"}
+    assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
+    assert sum(w.stat().st_size for w in weights) < 50e6
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] in ("Flux2KleinPipeline", "Flux2KleinKVPipeline")
+
+
+def test_word_level_tokenizer(executor):
+    tok = executor.pipe.tokenizer
+    pieces = tok.convert_ids_to_tokens(tok(PROMPT).input_ids)
+    assert pieces == ["a", "Ġphoto", "Ġof", "Ġa", "Ġred", "Ġcircle", "Ġleft", "Ġof", "Ġa", "Ġblue", "Ġsquare"]
+    assert executor.prompt_tokens(PROMPT) <= executor.max_sequence_length
+
+
+def test_generates_a_canvas_with_exact_nfe(executor):
+    steps, _ = executor.defaults()
+    req = ExecutorRequest(mode="generate", instruction=PROMPT, accumulated_prompt=PROMPT, seed=3, steps=3,
+                          height=SIDE, width=SIDE)
+    out = executor.generate(req, [])
+    assert out.image.size == (SIDE, SIDE)
+    assert out.nfe == (3 if executor.is_distilled else 6)  # CFG doubles the transformer calls
+    again = executor.generate(req, [])
+    assert list(out.image.tobytes()) == list(again.image.tobytes())  # seeded
+    assert len(set(out.image.convert("RGB").tobytes())) > 10  # a drawing, not a flat fill
+
+
+def test_one_iteration_loop_runs(executor, tmp_path):
+    from clvr_agent.api import create_clvr
+
+    runnable = create_clvr("clvr-mini", executor_options={"torch_dtype": "float32", "device": "cpu"},
+                           artifact_dir=str(tmp_path), max_iterations=1, steps=3, height=SIDE, width=SIDE)
+    out = runnable.invoke({"prompt": PROMPT, "seed": 0})
+    assert out["iterations"] == 1
+    assert out["final_image"] and out["trajectory"]["steps"]
