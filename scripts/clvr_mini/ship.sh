@@ -10,4 +10,6 @@ else
   rm -rf "$DEST"; mkdir -p "$(dirname "$DEST")"; cp -r "$1" "$DEST"
   rm -rf "$DEST/checkpoints" "$DEST/log.jsonl" "$DEST/teacher_cache"*
 fi
+# clvr-mini draws at 64 px and hands the ShapeWorld controller 256 px canvases (Flux2KleinExecutor reads this).
+echo '{"draw_size": 64, "canvas_size": 256}' > "$DEST/clvr_canvas.json"
 du -sh "$DEST"; ls "$DEST"
