@@ -73,3 +73,57 @@ def test_cli_flux2_klein_with_garbage_vlm_keeps_canvases(tiny_klein_dir, tmp_pat
     traj = json.loads((out / "trajectory.json").read_text())
     assert traj["plan"]["fallback"] is True
     assert traj["steps"][0]["nfe"] == 4 and (out / "final.png").is_file() and (out / "trace.html").is_file()
+
+
+def test_cli_chat_model_controller_against_an_openai_compatible_server(tiny_klein_dir, tmp_path):
+    """`--controller chat-model --base-url` talks to a real HTTP server speaking the OpenAI chat API
+    (scripted replies), with the klein executor loaded from a local folder."""
+    import http.server
+    import threading
+
+    import pytest
+
+    pytest.importorskip("langchain_openai")
+    replies = iter([PLAN, CHECK_OK, VERDICT_MISS, CORRECTION, CHECK_OK, VERDICT_OK])
+    seen: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            content = json.dumps(next(replies))
+            payload = json.dumps({
+                "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": content}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "run"
+        res = CliRunner().invoke(app, [
+            "generate", "a red cube on a blue sphere", "--backend", "flux2-klein", "--model", str(tiny_klein_dir),
+            "--controller", "chat-model", "--base-url", f"http://127.0.0.1:{server.server_port}/v1",
+            "--model-name", "served-vlm", "--dtype", "float32", "--device", "cpu",
+            "--height", "64", "--width", "64", "--out", str(out), "--json",
+        ])
+    finally:
+        server.shutdown()
+    assert res.exit_code == 0, res.output
+    traj = json.loads((out / "trajectory.json").read_text())
+    assert traj["status"] == "satisfied" and [s["nfe"] for s in traj["steps"]] == [4, 4]
+    assert traj["steps"][1]["request"]["mode"] == "edit" and len(traj["steps"][1]["request"]["references"]) == 1
+    assert (out / "trace.html").is_file() and len(seen) == 6 and seen[0]["model"] == "served-vlm"
+    # images travel as data-URL content blocks (the verify call carries the canvas)
+    parts = [p for m in seen[2]["messages"] if isinstance(m["content"], list) for p in m["content"]]
+    assert any(p.get("type") == "image_url" and p["image_url"]["url"].startswith("data:image/png;base64,") for p in parts)
