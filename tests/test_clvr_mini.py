@@ -9,7 +9,7 @@ import pytest
 from clvr_agent.tools.flux2_klein import clvr_mini_path
 from clvr_agent.types import ExecutorRequest
 
-SIDE = 64  # clvr-mini's native resolution (the pipeline default would be 512 px)
+DRAW, CANVAS = 64, 256  # clvr-mini draws 64 px (clvr_canvas.json) and hands the loop 256 px ShapeWorld canvases
 PROMPT = "a photo of a red circle left of a blue square"
 
 
@@ -38,11 +38,10 @@ def test_word_level_tokenizer(executor):
 
 
 def test_generates_a_canvas_with_exact_nfe(executor):
-    steps, _ = executor.defaults()
-    req = ExecutorRequest(mode="generate", instruction=PROMPT, accumulated_prompt=PROMPT, seed=3, steps=3,
-                          height=SIDE, width=SIDE)
+    req = ExecutorRequest(mode="generate", instruction=PROMPT, accumulated_prompt=PROMPT, seed=3, steps=3)
     out = executor.generate(req, [])
-    assert out.image.size == (SIDE, SIDE)
+    assert (out.info["width"], out.info["height"]) == (DRAW, DRAW)
+    assert out.image.size == (CANVAS, CANVAS)
     assert out.nfe == (3 if executor.is_distilled else 6)  # CFG doubles the transformer calls
     again = executor.generate(req, [])
     assert list(out.image.tobytes()) == list(again.image.tobytes())  # seeded
@@ -53,7 +52,7 @@ def test_one_iteration_loop_runs(executor, tmp_path):
     from clvr_agent.api import create_clvr
 
     runnable = create_clvr("clvr-mini", executor_options={"torch_dtype": "float32", "device": "cpu"},
-                           artifact_dir=str(tmp_path), max_iterations=1, steps=3, height=SIDE, width=SIDE)
+                           artifact_dir=str(tmp_path), max_iterations=1, steps=3)
     out = runnable.invoke({"prompt": PROMPT, "seed": 0})
     assert out["iterations"] == 1
     assert out["final_image"] and out["trajectory"]["steps"]
