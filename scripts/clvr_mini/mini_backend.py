@@ -1,4 +1,8 @@
-"""The ``clvr-mini`` backend at its native resolution, handing the loop 256 px ShapeWorld canvases.
+"""The ``clvr-mini`` backend over any stage folder, at its native resolution, handing the loop 256 px canvases.
+
+``Flux2KleinExecutor`` now does this itself for a folder with ``clvr_canvas.json`` (``draw_size`` 64,
+``canvas_size`` 256; the shipped folder has it); this adapter gives the same behaviour to the recipe's
+stage folders, which do not, and loads them in float32 on the CPU. The text below is why it exists.
 
 clvr-mini draws 64×64 canvases (8×8 latent tokens); the ShapeWorld detector is calibrated on 256 px
 canvases (objects 24–72 px, ≥ 90 px² components). ``Flux2KleinExecutor`` has no notion of a native
@@ -9,8 +13,6 @@ docs/clvr_mini.md, "What the executor needs"), this adapter wraps the *same* exe
 * requests without a size are drawn at the checkpoint's native size (``vae.config.sample_size``);
 * reference canvases are resized to that size before the executor sees them;
 * the drawn canvas is upscaled (Lanczos) to 256 px for the controller and the evaluator.
-
-It also wraps the ShapeWorld controller (``SpeakableController``) around one bug that noisy canvases hit.
 
 Measured ceiling of that round trip on ground-truth canvases (256 → 64 → 256, 60 GenEval prompts):
 0.92 overall with Lanczos (counting 0.7; everything else ≥ 0.8).
@@ -49,40 +51,10 @@ class NativeSizeExecutor:
         return getattr(self.inner, item)
 
 
-class SpeakableController:
-    """The ShapeWorld controller, except that a repair it cannot put into words becomes a redraw.
-
-    ``NP.text`` has number words up to ten only, so on a canvas with, say, 15 spurious pink blobs
-    ``recolor fifteen pink stars`` raises ``KeyError`` inside ``correct`` and the whole evaluation
-    stops (tools/shapeworld/language.py; reported). A redraw is what the controller itself issues when
-    it has no edit to offer, so that is the fallback here, and only for that error.
-    """
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.name = inner.name
-
-    def correct(self, prompt, plan, verdict, canvas, history):
-        from clvr_agent.tools.shapeworld.language import WORDS
-        from clvr_agent.types import Correction
-
-        try:
-            return self.inner.correct(prompt, plan, verdict, canvas, history)
-        except KeyError as exc:
-            if exc.args and isinstance(exc.args[0], int) and exc.args[0] not in WORDS:
-                return Correction(instruction=f"redraw: {prompt.strip()}", mode="regenerate",
-                                  reasoning=f"a repair names {exc.args[0]} objects, past the instruction language's number words")
-            raise
-
-    def __getattr__(self, item):
-        return getattr(self.inner, item)
-
-
 def register(model: str, name: str = "clvr-mini") -> None:
     """Make ``--backend NAME`` (registry and ``create_clvr``) this adapter over the folder ``model``."""
     from clvr_agent.tools.flux2_klein import Flux2KleinExecutor
-    from clvr_agent.tools.registry import clear_cache, executor_names, register_controller, register_executor
-    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
+    from clvr_agent.tools.registry import clear_cache, executor_names, register_executor
 
     executor_names()  # registers the built-ins first, so ours replaces clvr-mini rather than being replaced
 
@@ -93,5 +65,4 @@ def register(model: str, name: str = "clvr-mini") -> None:
         return NativeSizeExecutor(Flux2KleinExecutor.from_pretrained(**kw))
 
     register_executor(name, factory)
-    register_controller("shapeworld", lambda **kw: SpeakableController(ShapeWorldController(**kw)))
     clear_cache()
