@@ -366,3 +366,16 @@ def test_cli_sft_diffusion_runs_and_rejects_bad_flags(tmp_path, sft_data):
     assert bad.exit_code == 2 and "cfg_dropout" in bad.output
     bad = runner.invoke(train_app, ["distill", "--model", str(model), "--prompts", str(tmp_path / "missing.txt")])
     assert bad.exit_code == 2 and "not found" in bad.output
+
+
+def test_shapeworld_reward_judges_small_samples_at_canvas_size():
+    from clvr_agent.training.pprl import shapeworld_reward
+    from clvr_agent.tools.shapeworld.render import render
+    from clvr_agent.tools.shapeworld.world import Obj, Scene
+
+    scene = Scene(objects=[Obj("circle", "red", 40, 90, 64), Obj("square", "blue", 160, 90, 64)])
+    full = render(scene)
+    small = full.resize((64, 64))
+    prompt = "a photo of a red circle left of a blue square"
+    assert shapeworld_reward([full, small], [prompt, prompt], [[], []]) == [1.0, 1.0]
+    assert shapeworld_reward([full], ["a photo of a green star"], [[]])[0] < 1.0

@@ -104,6 +104,7 @@ def _register_builtins() -> None:
         from clvr_agent.tools.flux2_klein import Flux2KleinExecutor, clvr_mini_path
 
         kw.setdefault("model", str(clvr_mini_path()))
+        kw.setdefault("torch_dtype", "float32")  # a 10 MB model: bfloat16 only costs accuracy on a CPU
         return Flux2KleinExecutor.from_pretrained(**kw)
 
     def chat_model_controller(**kw):

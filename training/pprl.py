@@ -262,8 +262,13 @@ def shapeworld_reward(images: list[Image.Image], prompts: list[str], refs: list[
     from clvr_agent.geneval import partial_score
     from clvr_agent.tools.shapeworld.detect import detect
     from clvr_agent.tools.shapeworld.language import parse_prompt
+    from clvr_agent.tools.shapeworld.world import CANVAS
 
-    return [partial_score(parse_prompt(p), detect(im)) for im, p in zip(images, prompts)]
+    def canvas(im: Image.Image) -> Image.Image:
+        # The detector is calibrated on ShapeWorld's canvas size; a small model's samples are upscaled to it.
+        return im if im.size == (CANVAS, CANVAS) else im.convert("RGB").resize((CANVAS, CANVAS), Image.Resampling.LANCZOS)
+
+    return [partial_score(parse_prompt(p), detect(canvas(im))) for im, p in zip(images, prompts)]
 
 
 def pixel_similarity_reward(images: list[Image.Image], prompts: list[str], refs: list[list[Image.Image]]) -> list[float]:
