@@ -196,6 +196,11 @@ def test_sft_resume_continues_at_the_right_step(tmp_path, sft_data):
     for a, b in zip(straight.pipe.transformer.parameters(), resumed.pipe.transformer.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
+    changed = _sft_config(tmp_path, max_steps=9, batch_size=2, checkpoint_every=3, resume=True,
+                          learning_rate=cfg.learning_rate / 2)
+    with pytest.raises(ValueError, match="trained with learning rate"):
+        SFTDiffusionTrainer(_pipe(), changed, ds).train()
+
 
 def test_sft_lora_changes_only_the_adapter_and_exports_fused(tmp_path, sft_data):
     from diffusers import Flux2KleinPipeline

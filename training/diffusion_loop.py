@@ -132,6 +132,12 @@ def load_checkpoint(ckpt: Path, pipe, optimizer, lr_scheduler) -> dict:
     """Restore weights, optimizer and schedule; returns the saved state (``step``, ``rng``, ``extra``)."""
     load_trainable_state(pipe, load_file(str(ckpt / "trainable.safetensors")))
     state = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=False)
+    saved = state["lr_scheduler"].get("base_lrs")
+    asked = list(getattr(lr_scheduler, "scheduler", lr_scheduler).base_lrs)  # accelerate wraps the scheduler
+    if saved is not None and [round(x, 12) for x in saved] != [round(x, 12) for x in asked]:
+        # Loading would silently restore the old rate; a changed rate needs a new run (or --out).
+        raise ValueError(f"{ckpt} was trained with learning rate {saved[0]:g}, this run asks for {asked[0]:g}; "
+                         "resume with the same --learning-rate, or start a new run in another --out")
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     return state
