@@ -123,6 +123,26 @@ def save_checkpoint(out_dir, step: int, pipe, modules, optimizer, lr_scheduler, 
     return final
 
 
+def save_trainer_checkpoint(trainer) -> None:
+    """The main process writes the trainer's resumable checkpoint at ``trainer.step``; all processes wait.
+
+    Shared by the diffusion trainers, which all hold ``accelerator, cfg, step, pipe, modules, optimizer,
+    lr_scheduler, generator, rng``.
+    """
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        save_checkpoint(trainer.cfg.output_dir, trainer.step, trainer.pipe, trainer.modules, trainer.optimizer,
+                        trainer.lr_scheduler, rng_state(trainer.generator, trainer.rng), keep=trainer.cfg.keep_checkpoints)
+
+
+def append_log(out_dir, record: dict) -> None:
+    """One JSON line per logged step in ``<out_dir>/log.jsonl``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def latest_checkpoint(out_dir) -> Path | None:
     found = sorted((Path(out_dir) / "checkpoints").glob("step-*"))
     return found[-1] if found else None

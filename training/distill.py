@@ -15,7 +15,6 @@ result is saved with ``is_distilled=True`` so the pipeline skips CFG.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import asdict
@@ -168,8 +167,7 @@ class DistillTrainer:
             self.history.append(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             if acc.is_main_process and cfg.log_every and self.step % cfg.log_every == 0:
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                dl.append_log(out, rec)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
                 self.save_checkpoint()
         self.save_checkpoint()
@@ -179,10 +177,7 @@ class DistillTrainer:
         return self.history
 
     def save_checkpoint(self) -> None:
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            dl.save_checkpoint(self.cfg.output_dir, self.step, self.pipe, self.modules, self.optimizer,
-                               self.lr_scheduler, dl.rng_state(self.generator, self.rng), keep=self.cfg.keep_checkpoints)
+        dl.save_trainer_checkpoint(self)
 
 
 def _group_by_refs(trainer: DistillTrainer, items: Sequence[int], key=lambda i: i) -> dict[int, list[int]]:

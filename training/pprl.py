@@ -16,7 +16,6 @@ a prompt string, a trajectory record, ...).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -239,9 +238,7 @@ class PPRLTrainer:
             self.history.append(rec)
             bar.set_postfix(reward=f"{rec['reward_mean']:.3f}")
             if acc.is_main_process and cfg.log_every and self.step % cfg.log_every == 0:
-                out.mkdir(parents=True, exist_ok=True)
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                dl.append_log(out, rec)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
                 self.save_checkpoint()
         self.save_checkpoint()
@@ -251,10 +248,7 @@ class PPRLTrainer:
         return self.history
 
     def save_checkpoint(self) -> None:
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            dl.save_checkpoint(self.cfg.output_dir, self.step, self.pipe, self.modules, self.optimizer,
-                               self.lr_scheduler, dl.rng_state(self.generator, self.rng), keep=self.cfg.keep_checkpoints)
+        dl.save_trainer_checkpoint(self)
 
 
 def shapeworld_reward(images: list[Image.Image], prompts: list[str], refs: list[list[Image.Image]]) -> list[float]:

@@ -231,9 +231,7 @@ class SFTDiffusionTrainer:
             self.history.append(rec)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             if acc.is_main_process and cfg.log_every and self.step % cfg.log_every == 0:
-                out.mkdir(parents=True, exist_ok=True)
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                dl.append_log(out, rec)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
                 self.save_checkpoint()
         self.save_checkpoint()
@@ -243,7 +241,4 @@ class SFTDiffusionTrainer:
         return self.history
 
     def save_checkpoint(self) -> None:
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            dl.save_checkpoint(self.cfg.output_dir, self.step, self.pipe, self.modules, self.optimizer,
-                               self.lr_scheduler, dl.rng_state(self.generator, self.rng), keep=self.cfg.keep_checkpoints)
+        dl.save_trainer_checkpoint(self)

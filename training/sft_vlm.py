@@ -40,6 +40,7 @@ from clvr_agent.tools.chat_controller import (
     estimate_tokens,
 )
 from clvr_agent.types import Correction, ImageRef, PassiveCheck, Step, Trajectory, Verdict
+from clvr_agent.training.diffusion_loop import append_log
 
 IGNORE_INDEX = -100
 # Attention and MLP projections of the language model (the vision tower and merger stay as they are).
@@ -504,9 +505,7 @@ class SFTVLMTrainer:
             self.history.append(rec)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             if acc.is_main_process and cfg.log_every and self.step % cfg.log_every == 0:
-                out.mkdir(parents=True, exist_ok=True)
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                append_log(out, rec)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
                 self.save_checkpoint()
         self.save_checkpoint()
