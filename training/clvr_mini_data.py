@@ -46,6 +46,7 @@ class DataConfig:
     tier_fraction: float = 0.3  # share of text→image prompts from the tier generator (rest: GenEval tags)
     max_tier: int = 6
     edit_error: float = 0.25  # per-constraint error probability of the canvas an edit starts from
+    tags: str = ",".join(TAGS)  # GenEval tags the tag prompts are drawn from (comma-separated), e.g. a curriculum's easy tags
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,13 +58,20 @@ class DataConfig:
             raise ValueError(f"max_tier must be in 1..10, got {self.max_tier}")
         if self.size < 16:
             raise ValueError(f"size must be ≥ 16 px, got {self.size}")
+        unknown = [t for t in self.tag_list if t not in TAGS]
+        if not self.tag_list or unknown:
+            raise ValueError(f"tags must be a comma-separated subset of {', '.join(TAGS)}, got {self.tags!r}")
+
+    @property
+    def tag_list(self) -> list[str]:
+        return [t.strip() for t in self.tags.split(",") if t.strip()]
 
 
-def sample_line(rng: np.random.Generator, tier_fraction: float, max_tier: int) -> dict:
-    """A GenEval-style metadata line: a random tag, or with ``tier_fraction`` a random tier."""
+def sample_line(rng: np.random.Generator, tier_fraction: float, max_tier: int, tags=TAGS) -> dict:
+    """A GenEval-style metadata line: a random tag of ``tags``, or with ``tier_fraction`` a random tier."""
     if rng.random() < tier_fraction:
         return tier_line(int(rng.integers(1, max_tier + 1)), rng)
-    return geneval_line(str(rng.choice(TAGS)), rng)
+    return geneval_line(str(rng.choice(list(tags))), rng)
 
 
 def draw_objects(line: dict, rng: np.random.Generator, config: WorldConfig = EXACT) -> list[Obj]:
@@ -102,7 +110,7 @@ def random_edit(objects: list[Obj], rng: np.random.Generator) -> Op:
 
 def edit_triplet(rng: np.random.Generator, cfg: DataConfig) -> Optional[tuple[str, Image.Image, Image.Image]]:
     """(accumulated prompt, wrong canvas, edited canvas), or None when the edit found no room."""
-    line = sample_line(rng, cfg.tier_fraction, cfg.max_tier)
+    line = sample_line(rng, cfg.tier_fraction, cfg.max_tier, cfg.tag_list)
     noisy = WorldConfig(eps_per_constraint=cfg.edit_error, eps_max=0.9)
     objects = draw_objects(line, rng, noisy)
     before = render_objects(objects, rng)
@@ -130,7 +138,7 @@ def write_dataset(out_dir: str | Path, cfg: DataConfig) -> Path:
 
     records = []
     for i in range(cfg.pairs):
-        line = sample_line(rng, cfg.tier_fraction, cfg.max_tier)
+        line = sample_line(rng, cfg.tier_fraction, cfg.max_tier, cfg.tag_list)
         target = save(render_objects(draw_objects(line, rng), rng), f"t{i:06d}.png")
         records.append({"prompt": line["prompt"], "references": [], "target": target, "tag": line["tag"]})
     made = 0

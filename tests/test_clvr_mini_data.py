@@ -1,0 +1,42 @@
+"""clvr-mini's ShapeWorld training data: text→image pairs, edit triplets, the tag curriculum."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from clvr_agent.tools.shapeworld.detect import detect
+from clvr_agent.training.clvr_mini_data import DataConfig, write_dataset
+
+
+def test_pairs_and_edit_triplets(tmp_path):
+    path = write_dataset(tmp_path, DataConfig(pairs=6, edits=2, size=64, tier_fraction=0.0, seed=3))
+    recs = [json.loads(ln) for ln in path.read_text().splitlines()]
+    pairs, edits = recs[:6], recs[6:]
+    assert len(edits) == 2 and all(r["tag"] == "edit" for r in edits)
+    for r in pairs:
+        assert r["references"] == [] and "\n" not in r["prompt"]
+        with Image.open(tmp_path / r["target"]) as im:
+            assert im.size == (64, 64)
+    for r in edits:  # accumulated prompt = original prompt, then the repair instruction; the wrong canvas is the reference
+        assert len(r["prompt"].split("\n")) == 2 and len(r["references"]) == 1
+        assert (tmp_path / r["references"][0]).is_file() and (tmp_path / r["target"]).is_file()
+
+
+def test_tags_restrict_the_prompts_and_the_canvases_satisfy_them(tmp_path):
+    path = write_dataset(tmp_path, DataConfig(pairs=8, size=256, tier_fraction=0.0, tags="colors", seed=1))
+    recs = [json.loads(ln) for ln in path.read_text().splitlines()]
+    assert {r["tag"] for r in recs} == {"colors"}
+    for r in recs:  # "a photo of a <colour> <shape>", drawn exactly: the detector reads that one object back
+        colour, shape = r["prompt"].split()[-2:]
+        with Image.open(tmp_path / r["target"]) as im:
+            dets = detect(im.convert("RGB"))
+        assert [(d.color, d.cls) for d in dets] == [(colour, shape)]
+
+
+@pytest.mark.parametrize("tags", ["", "colors,nonsense"])
+def test_bad_tags_fail_loudly(tags):
+    with pytest.raises(ValueError, match="tags must be"):
+        DataConfig(tags=tags)
