@@ -40,3 +40,19 @@ def test_tags_restrict_the_prompts_and_the_canvases_satisfy_them(tmp_path):
 def test_bad_tags_fail_loudly(tags):
     with pytest.raises(ValueError, match="tags must be"):
         DataConfig(tags=tags)
+
+
+def test_object_size_range(tmp_path):
+    """clvr-mini's data may draw bigger objects than ShapeWorld's default 24..72 px (more pixels carry the text)."""
+    path = write_dataset(tmp_path, DataConfig(pairs=6, size=256, tier_fraction=0.0, tags="colors", min_size=56, max_size=112))
+    for r in (json.loads(ln) for ln in path.read_text().splitlines()):
+        with Image.open(tmp_path / r["target"]) as im:
+            (det,) = detect(im.convert("RGB"))
+        side = max(det.box[2] - det.box[0], det.box[3] - det.box[1])
+        assert 50 <= side <= 116, (r["prompt"], det.box)
+
+
+@pytest.mark.parametrize("sizes", [(4, 40), (80, 60), (24, 200)])
+def test_bad_size_range_fails_loudly(sizes):
+    with pytest.raises(ValueError, match="sizes must satisfy"):
+        DataConfig(min_size=sizes[0], max_size=sizes[1])

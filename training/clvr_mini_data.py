@@ -31,7 +31,7 @@ from clvr_agent.tools.shapeworld.detect import detect
 from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor, apply_op
 from clvr_agent.tools.shapeworld.language import NP, Op, format_instruction, geneval_line, tier_line
 from clvr_agent.tools.shapeworld.render import render
-from clvr_agent.tools.shapeworld.world import CLASSES, RELATIONS, Obj, Scene, WorldConfig, restyled
+from clvr_agent.tools.shapeworld.world import CLASSES, MAX_SIZE, MIN_SIZE, RELATIONS, Obj, Scene, WorldConfig, restyled
 
 EXACT = WorldConfig(eps_per_constraint=0.0, edit_success=1.0, edit_disturb=0.0)
 
@@ -46,6 +46,8 @@ class DataConfig:
     tier_fraction: float = 0.3  # share of text→image prompts from the tier generator (rest: GenEval tags)
     max_tier: int = 6
     edit_error: float = 0.25  # per-constraint error probability of the canvas an edit starts from
+    min_size: float = float(MIN_SIZE)  # object side range on the 256 px canvas (ShapeWorld's default 24..72)
+    max_size: float = float(MAX_SIZE)
     tags: str = ",".join(TAGS)  # GenEval tags the tag prompts are drawn from (comma-separated), e.g. a curriculum's easy tags
     seed: int = 0
 
@@ -61,6 +63,13 @@ class DataConfig:
         unknown = [t for t in self.tag_list if t not in TAGS]
         if not self.tag_list or unknown:
             raise ValueError(f"tags must be a comma-separated subset of {', '.join(TAGS)}, got {self.tags!r}")
+
+        WorldConfig(sizes=(self.min_size, self.max_size))  # validates the size range
+
+    def world(self, eps: float = 0.0) -> WorldConfig:
+        """The world the records are drawn in: exact (``eps = 0``) or with a per-constraint error rate."""
+        return WorldConfig(eps_per_constraint=eps, eps_max=0.9 if eps else EXACT.eps_max, edit_success=1.0,
+                           edit_disturb=0.0, sizes=(self.min_size, self.max_size))
 
     @property
     def tag_list(self) -> list[str]:
@@ -111,15 +120,14 @@ def random_edit(objects: list[Obj], rng: np.random.Generator) -> Op:
 def edit_triplet(rng: np.random.Generator, cfg: DataConfig) -> Optional[tuple[str, Image.Image, Image.Image]]:
     """(accumulated prompt, wrong canvas, edited canvas), or None when the edit found no room."""
     line = sample_line(rng, cfg.tier_fraction, cfg.max_tier, cfg.tag_list)
-    noisy = WorldConfig(eps_per_constraint=cfg.edit_error, eps_max=0.9)
-    objects = draw_objects(line, rng, noisy)
+    objects = draw_objects(line, rng, cfg.world(cfg.edit_error))
     before = render_objects(objects, rng)
     ops = repair_ops(line, detect(before))
     if not ops:
         ops = [random_edit(objects, rng)]
     edited = list(objects)
     for op in ops:
-        if not apply_op(op, edited, rng, EXACT):
+        if not apply_op(op, edited, rng, cfg.world()):
             return None
     after = render_objects(edited, rng)
     return f"{line['prompt']}\n{format_instruction(ops)}", before, after
@@ -139,7 +147,7 @@ def write_dataset(out_dir: str | Path, cfg: DataConfig) -> Path:
     records = []
     for i in range(cfg.pairs):
         line = sample_line(rng, cfg.tier_fraction, cfg.max_tier, cfg.tag_list)
-        target = save(render_objects(draw_objects(line, rng), rng), f"t{i:06d}.png")
+        target = save(render_objects(draw_objects(line, rng, cfg.world()), rng), f"t{i:06d}.png")
         records.append({"prompt": line["prompt"], "references": [], "target": target, "tag": line["tag"]})
     made = 0
     while made < cfg.edits:

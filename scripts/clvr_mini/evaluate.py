@@ -3,7 +3,8 @@
 Runs ``clvr_agent.evaluation.eval_shapeworld`` (what ``clvr eval shapeworld --backend clvr-mini`` runs)
 with the ``clvr-mini`` backend pointed at ``--model`` through ``mini_backend`` (native 64 px drawing,
 256 px canvases), and writes ``OUT/row.json``: NFE per executor call, single and loop summaries,
-mean loop iterations and wall time per loop. ``--probe`` adds the complexity probe (single vs loop).
+mean loop iterations and wall time per loop, and ``colour_shape.py``'s single-object colour+shape rate.
+``--probe`` adds the complexity probe (single vs loop).
 
   python scripts/clvr_mini/evaluate.py --model DIR --row base --out clvr_mini_work/eval/base --n 30
 """
@@ -74,11 +75,18 @@ def main() -> None:
     p.add_argument("--per-tier", type=int, default=10)
     p.add_argument("--max-iterations", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--colour-shape-seeds", type=int, default=2,
+                   help="seeds of colour_shape.py's 60-prompt single-object colour+shape measurement (0: skip)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     register(a.model)
     a.out.mkdir(parents=True, exist_ok=True)
     row = {"row": a.row, "model": a.model, "n": a.n, "seed": a.seed, **nfe_per_generate("clvr-mini")}
+    if a.colour_shape_seeds:
+        from colour_shape import load, measure
+
+        row["colour_shape"] = measure(load(a.model, None)[0], seeds=a.colour_shape_seeds)
+        print("colour_shape", json.dumps(row["colour_shape"]), flush=True)
     for mode in a.modes.split(","):
         t0 = time.perf_counter()
         summary = eval_shapeworld(mode=mode, n=a.n, seed=a.seed, out_dir=str(a.out / mode), backend="clvr-mini",

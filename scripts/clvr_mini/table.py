@@ -12,14 +12,17 @@ from pathlib import Path
 
 def main() -> None:
     root, rows = Path(sys.argv[1]), sys.argv[2:]
-    print("| row | steps × CFG (NFE/generate) | single-step overall (strict) | loop overall (strict) | mean iterations | wall time per loop |")
-    print("|---|---|---|---|---|---|")
+    print("| row | steps × CFG (NFE/generate) | single-object colour+shape | single-step overall (strict) | loop overall (strict) "
+          "| loop − single | mean iterations | wall time per loop |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in rows:
         r = json.loads((root / name / "row.json").read_text())
         cfg = f"CFG {r['guidance']:g}" if r["cfg"] else "no CFG"
         s, lp = r.get("single", {}), r.get("loop", {})
         fmt = lambda m: f"{m['overall']:.2f} ({m['strict_overall']:.2f})" if m else "–"  # noqa: E731
-        print(f"| {name} | {r['steps']} × {cfg} ({r['nfe']}) | {fmt(s)} | {fmt(lp)} | "
+        cs = f"{r['colour_shape']['colour_shape']:.2f}" if "colour_shape" in r else "–"
+        gain = f"{lp['overall'] - s['overall']:+.2f}" if s and lp else "–"
+        print(f"| {name} | {r['steps']} × {cfg} ({r['nfe']}) | {cs} | {fmt(s)} | {fmt(lp)} | {gain} | "
               f"{lp.get('mean_iterations', float('nan')):.2f} | {lp.get('seconds_per_prompt', float('nan')):.1f} s |")
     for name in rows:
         r = json.loads((root / name / "row.json").read_text())

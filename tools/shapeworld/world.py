@@ -48,12 +48,16 @@ class WorldConfig:
     noise: float = 3.0  # std of the background's pixel noise
     shade: tuple[float, float] = (0.88, 1.08)  # per-object brightness factor range
     gradient: float = 0.06  # max top-to-bottom brightness change inside an object
+    sizes: tuple[float, float] = (MIN_SIZE, MAX_SIZE)  # object side range in px (crowded scenes draw smaller)
 
     def __post_init__(self) -> None:
         for name in ("eps_per_constraint", "eps_max", "edit_success", "edit_disturb"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {v}")
+        lo, hi = self.sizes
+        if not 8 <= lo <= hi <= CANVAS // 2:
+            raise ValueError(f"sizes must satisfy 8 <= min <= max <= {CANVAS // 2}, got {self.sizes}")
 
     def epsilon(self, n_constraints: int) -> float:
         return min(self.eps_max, self.eps_per_constraint * n_constraints)
@@ -129,9 +133,10 @@ def layout(
     fixed = fixed or []
     n_total = len(specs) + len(fixed)
     # Crowded scenes draw smaller objects; each restart shrinks them further.
-    top = float(np.clip(200.0 / np.sqrt(n_total + 1), MIN_SIZE + 4, MAX_SIZE))
+    lo, top_max = config.sizes
+    top = float(np.clip(200.0 / np.sqrt(n_total + 1) * top_max / MAX_SIZE, min(lo + 4, top_max), top_max))
     for restart in range(restarts):
-        hi = max(MIN_SIZE, top * (0.85 ** restart))
+        hi = max(lo, top * (0.85 ** restart))
         placed: list[tuple[Obj, int]] = list(fixed)
         ok = True
         for cls, color, group in specs:
@@ -149,7 +154,7 @@ def _place_one(cls, color, group, placed, relations, rng, hi, config, tries) -> 
     rels = [(r, other, True) for a, r, other in relations if a == group] + \
            [(r, other, False) for other, r, b in relations if b == group]
     for _ in range(tries):
-        size = float(rng.uniform(MIN_SIZE, hi))
+        size = float(rng.uniform(config.sizes[0], hi))
         x0 = float(rng.uniform(1, CANVAS - 1 - size))
         y0 = float(rng.uniform(1, CANVAS - 1 - size))
         box = (x0, y0, x0 + size, y0 + size)
