@@ -9,8 +9,11 @@ W=${W:-clvr_mini_work}
 BASE=${BASE:-$W/base}
 SFT_STEPS=${SFT_STEPS:-500}
 RESUME=${RESUME:-}
+SFT_DATA=${SFT_DATA:-$W/data_sft/data.jsonl}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-[ -f "$W/data_sft/data.jsonl" ] || python -m clvr_agent.training.clvr_mini_data "$W/data_sft" --pairs 1500 --edits 3000 --seed 2
-clvr train sft-diffusion --model "$BASE" --data "$W/data_sft/data.jsonl" --out "$W/sft" $RESUME \
+[ -f "$SFT_DATA" ] || python -m clvr_agent.training.clvr_mini_data "$(dirname "$SFT_DATA")" --pairs 1500 --edits 3000 --seed 2 \
+  --min-size "${MIN_SIZE:-24}" --max-size "${MAX_SIZE:-72}"
+[ -n "$RESUME" ] || rm -rf "$W/sft"
+clvr train sft-diffusion --model "$BASE" --data "$SFT_DATA" --out "$W/sft" $RESUME \
   --max-steps "$SFT_STEPS" --batch-size 16 --learning-rate 5e-4 --warmup-steps 20 --max-sequence-length 48 \
   --height 64 --width 64 --no-set-bn-stats --log-every 10 --checkpoint-every 100 --keep-checkpoints 1
