@@ -56,3 +56,24 @@ def test_object_size_range(tmp_path):
 def test_bad_size_range_fails_loudly(sizes):
     with pytest.raises(ValueError, match="sizes must satisfy"):
         DataConfig(min_size=sizes[0], max_size=sizes[1])
+
+
+def test_centre_single_puts_a_lone_object_in_the_middle(tmp_path):
+    path = write_dataset(tmp_path, DataConfig(pairs=6, size=256, tier_fraction=0.0, tags="colors,two_object",
+                                              centre_single=True, seed=4))
+    for r in (json.loads(ln) for ln in path.read_text().splitlines()):
+        with Image.open(tmp_path / r["target"]) as im:
+            dets = detect(im.convert("RGB"))
+        if r["tag"] == "colors":
+            (d,) = dets
+            cx, cy = (d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2
+            assert abs(cx - 128) < 3 and abs(cy - 128) < 3, d.box
+        else:
+            assert len(dets) == 2
+
+
+def test_cli_flags(tmp_path):
+    from clvr_agent.training.clvr_mini_data import main
+
+    main([str(tmp_path), "--pairs", "2", "--size", "32", "--centre-single", "--tags", "colors", "--min-size", "40"])
+    assert len((tmp_path / "data.jsonl").read_text().splitlines()) == 2

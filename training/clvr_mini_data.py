@@ -18,7 +18,7 @@ the ones the loop would issue) and stored downscaled to ``size`` px.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -31,7 +31,7 @@ from clvr_agent.tools.shapeworld.detect import detect
 from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor, apply_op
 from clvr_agent.tools.shapeworld.language import NP, Op, format_instruction, geneval_line, tier_line
 from clvr_agent.tools.shapeworld.render import render
-from clvr_agent.tools.shapeworld.world import CLASSES, MAX_SIZE, MIN_SIZE, RELATIONS, Obj, Scene, WorldConfig, restyled
+from clvr_agent.tools.shapeworld.world import CANVAS, CLASSES, MAX_SIZE, MIN_SIZE, RELATIONS, Obj, Scene, WorldConfig, restyled
 
 EXACT = WorldConfig(eps_per_constraint=0.0, edit_success=1.0, edit_disturb=0.0)
 
@@ -48,6 +48,7 @@ class DataConfig:
     edit_error: float = 0.25  # per-constraint error probability of the canvas an edit starts from
     min_size: float = float(MIN_SIZE)  # object side range on the 256 px canvas (ShapeWorld's default 24..72)
     max_size: float = float(MAX_SIZE)
+    centre_single: bool = False  # draw a prompt's lone object at the canvas centre (a curriculum: the text then decides most pixels)
     tags: str = ",".join(TAGS)  # GenEval tags the tag prompts are drawn from (comma-separated), e.g. a curriculum's easy tags
     seed: int = 0
 
@@ -147,7 +148,11 @@ def write_dataset(out_dir: str | Path, cfg: DataConfig) -> Path:
     records = []
     for i in range(cfg.pairs):
         line = sample_line(rng, cfg.tier_fraction, cfg.max_tier, cfg.tag_list)
-        target = save(render_objects(draw_objects(line, rng, cfg.world()), rng), f"t{i:06d}.png")
+        objects = draw_objects(line, rng, cfg.world())
+        if cfg.centre_single and len(objects) == 1:
+            o = objects[0]
+            objects = [replace(o, x0=(CANVAS - o.size) / 2, y0=(CANVAS - o.size) / 2)]
+        target = save(render_objects(objects, rng), f"t{i:06d}.png")
         records.append({"prompt": line["prompt"], "references": [], "target": target, "tag": line["tag"]})
     made = 0
     while made < cfg.edits:
@@ -169,7 +174,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")
     for f, default in DataConfig.__dataclass_fields__.items():
-        p.add_argument(f"--{f.replace('_', '-')}", type=type(default.default), default=default.default)
+        if isinstance(default.default, bool):
+            p.add_argument(f"--{f.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=default.default)
+        else:
+            p.add_argument(f"--{f.replace('_', '-')}", type=type(default.default), default=default.default)
     args = vars(p.parse_args(argv))
     path = write_dataset(args.pop("out_dir"), DataConfig(**args))
     print(path)
