@@ -87,7 +87,7 @@ def main() -> None:
 
         row["colour_shape"] = measure(load(a.model, None)[0], seeds=a.colour_shape_seeds)
         print("colour_shape", json.dumps(row["colour_shape"]), flush=True)
-    for mode in a.modes.split(","):
+    for mode in [m for m in a.modes.split(",") if m]:
         t0 = time.perf_counter()
         summary = eval_shapeworld(mode=mode, n=a.n, seed=a.seed, out_dir=str(a.out / mode), backend="clvr-mini",
                                  progress=False, max_iterations=a.max_iterations)

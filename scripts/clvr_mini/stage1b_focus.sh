@@ -9,16 +9,18 @@
 # stay distinct), at batch 32, lr 1e-3, on data where the text decides more pixels:
 #   a. 1,250 steps, objects 56–112 px (4,000 single/two-object tag pairs + 3,000 pairs over every tag/tier)
 #   b.   750 steps, + 3,000 pairs of 96–128 px objects (colors / single_object / two_object), twice
-#   c.   500 steps, same data, σ ~ logit-normal(1.5, 1): training where the text matters (high noise)
-#   d. STEPS_D steps, + 3,000 single-object pairs drawn at the canvas centre (twice), logit-normal(1, 1)
+#   c. STEPS_C steps (3,500 for the shipped base), same data, σ ~ logit-normal(1.5, 1): training where the
+#      text matters (high noise) — the change that made the model follow the prompt
 # (Phase a ran as 500 steps with the stage-1 text encoder, then 750 with the fresh one; here it is one
-# phase with the fresh encoder.) Each phase starts from the previous one's exported folder.
-#   W=clvr_mini_work START=clvr_mini_work/base STEPS_D=2000 bash scripts/clvr_mini/stage1b_focus.sh
+# phase with the fresh encoder.) Each phase starts from the previous one's exported folder. CENTRE=1 adds
+# phase d (side experiment J in docs/clvr_mini.md): lone objects drawn at the canvas centre.
+#   W=clvr_mini_work START=clvr_mini_work/base STEPS_C=3500 bash scripts/clvr_mini/stage1b_focus.sh
 set -euo pipefail
 W=${W:-clvr_mini_work}
 START=${START:-$W/base}
 INIT=${INIT:-$W/init}
-STEPS_D=${STEPS_D:-2000}
+STEPS_C=${STEPS_C:-3500}
+STEPS_D=${STEPS_D:-1000}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 gen() {  # gen DIR ARGS...: one seeded dataset, once
   local d=$1; shift
@@ -58,6 +60,6 @@ phase() {  # phase NAME DATA STEPS LOGIT_MEAN
 }
 phase base1b_a data_big_focus 1250 0.0
 phase base1b_b data_huge 750 0.0
-phase base1b_c data_huge 500 1.5
-phase base1b_d data_centre "$STEPS_D" 1.0
+phase base1b_c data_huge "$STEPS_C" 1.5
+[ "${CENTRE:-0}" = 1 ] && phase base1b_d data_centre "$STEPS_D" 1.5
 echo "base: $prev"

@@ -16,4 +16,5 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 [ -n "$RESUME" ] || rm -rf "$W/sft"
 clvr train sft-diffusion --model "$BASE" --data "$SFT_DATA" --out "$W/sft" $RESUME \
   --max-steps "$SFT_STEPS" --batch-size 16 --learning-rate 5e-4 --warmup-steps 20 --max-sequence-length 48 \
+  --logit-mean "${LOGIT_MEAN:-0}" \
   --height 64 --width 64 --no-set-bn-stats --log-every 10 --checkpoint-every 100 --keep-checkpoints 1
