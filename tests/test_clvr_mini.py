@@ -56,3 +56,20 @@ def test_one_iteration_loop_runs(executor, tmp_path):
     out = runnable.invoke({"prompt": PROMPT, "seed": 0})
     assert out["iterations"] == 1
     assert out["final_image"] and out["trajectory"]["steps"]
+
+
+def test_follows_the_colour_word(executor):
+    """The shipped base reads the prompt: at one seed, most colour words come out in that colour.
+
+    A model that ignores the text draws the same canvas for every prompt, so at most the one or two
+    colours in it could match; the shipped base gets 8 of 10 here (orange is its weak colour).
+    """
+    from clvr_agent.geneval import COLORS, THRESHOLD
+    from clvr_agent.tools.shapeworld.detect import detect
+
+    hits = []
+    for colour in COLORS:
+        prompt = f"a photo of a {colour} square"
+        out = executor.generate(ExecutorRequest(mode="generate", instruction=prompt, accumulated_prompt=prompt, seed=0), [])
+        hits.append(colour in {d.color for d in detect(out.image.convert("RGB")) if d.score > THRESHOLD})
+    assert sum(hits) >= 6, dict(zip(COLORS, hits))
