@@ -11,7 +11,7 @@ SFT_STEPS=${SFT_STEPS:-500}
 RESUME=${RESUME:-}
 SFT_DATA=${SFT_DATA:-$W/data_sft/data.jsonl}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-[ -f "$SFT_DATA" ] || python -m clvr_agent.training.clvr_mini_data "$(dirname "$SFT_DATA")" --pairs 1500 --edits 3000 --seed 2 \
+[ -f "$SFT_DATA" ] || python -m clvr_agent.training.clvr_mini_data "$(dirname "$SFT_DATA")" --pairs 1500 --edits 3000 --seed "${SFT_SEED:-2}" \
   --min-size "${MIN_SIZE:-24}" --max-size "${MAX_SIZE:-72}"
 [ -n "$RESUME" ] || rm -rf "$W/sft"
 clvr train sft-diffusion --model "$BASE" --data "$SFT_DATA" --out "$W/sft" $RESUME \
