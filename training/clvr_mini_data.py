@@ -64,7 +64,6 @@ class DataConfig:
         unknown = [t for t in self.tag_list if t not in TAGS]
         if not self.tag_list or unknown:
             raise ValueError(f"tags must be a comma-separated subset of {', '.join(TAGS)}, got {self.tags!r}")
-
         WorldConfig(sizes=(self.min_size, self.max_size))  # validates the size range
 
     def world(self, eps: float = 0.0) -> WorldConfig:
