@@ -15,17 +15,7 @@ gen data_big_focus --pairs 4000 --tier-fraction 0 --tags colors,single_object,tw
 gen data_big_t2i --pairs 3000 --min-size 56 --max-size 112 --seed 12
 gen data_huge --pairs 3000 --tier-fraction 0 --tags colors,single_object,colors,two_object --min-size 96 --max-size 128 --seed 21
 wait
-python - "$W" <<'PY'
-import json, sys
-from pathlib import Path
-w = Path(sys.argv[1])
-out = []
-for d in ["data_huge", "data_huge", "data_big_focus", "data_big_t2i"]:
-    pre = "" if d == "data_huge" else f"../{d}/"
-    out += [json.dumps({**json.loads(l), "target": pre + json.loads(l)["target"]})
-            for l in (w / d / "data.jsonl").read_text().splitlines() if l.strip()]
-(w / "data_huge" / "mix.jsonl").write_text("\n".join(out) + "\n")
-PY
+python scripts/clvr_mini/mix.py "$W" data_huge data_huge data_huge data_big_focus data_big_t2i
 START=$(python -c "from clvr_agent.tools.flux2_klein import clvr_mini_path; print(clvr_mini_path())")
 timeout "${LIMIT_S:-540}" clvr train sft-diffusion --model "$START" --data "$W/data_huge/mix.jsonl" --out "$OUT/base" \
   --max-steps "$STEPS" --batch-size 128 --learning-rate 1e-3 --lr-scheduler cosine --warmup-steps 100 \

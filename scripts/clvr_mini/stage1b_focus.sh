@@ -30,20 +30,9 @@ gen data_big_focus --pairs 4000 --tier-fraction 0 --tags colors,single_object,tw
 gen data_big_t2i --pairs 3000 --min-size 56 --max-size 112 --seed 12
 gen data_huge --pairs 3000 --tier-fraction 0 --tags colors,single_object,colors,two_object --min-size 96 --max-size 128 --seed 21
 gen data_centre --pairs 3000 --tier-fraction 0 --tags colors,single_object --centre-single --min-size 96 --max-size 128 --seed 31
-python - "$W" <<'PY'
-import json, sys
-from pathlib import Path
-w = Path(sys.argv[1])
-def lines(d, into, times=1):  # records of w/d, with image paths relative to w/into
-    recs = [json.loads(l) for l in (w / d / "data.jsonl").read_text().splitlines() if l.strip()]
-    pre = "" if d == into else f"../{d}/"
-    return [json.dumps({**r, "target": pre + r["target"]}) for r in recs] * times
-mixes = {"data_big_focus": ["data_big_focus", "data_big_t2i"],
-         "data_huge": ["data_huge", "data_huge", "data_big_focus", "data_big_t2i"],
-         "data_centre": ["data_centre", "data_centre", "data_huge", "data_huge", "data_big_focus", "data_big_t2i"]}
-for into, parts in mixes.items():
-    (w / into / "mix.jsonl").write_text("\n".join(l for d in parts for l in lines(d, into)) + "\n")
-PY
+python scripts/clvr_mini/mix.py "$W" data_big_focus data_big_focus data_big_t2i
+python scripts/clvr_mini/mix.py "$W" data_huge data_huge data_huge data_big_focus data_big_t2i
+python scripts/clvr_mini/mix.py "$W" data_centre data_centre data_centre data_huge data_huge data_big_focus data_big_t2i
 prev=$W/base1b_start
 if [ ! -f "$prev/model_index.json" ]; then  # stage 1's VAE and transformer, a fresh text encoder
   rm -rf "$prev"; cp -r "$START" "$prev"; rm -rf "$prev/text_encoder"; cp -r "$INIT/text_encoder" "$prev/"
