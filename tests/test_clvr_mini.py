@@ -62,7 +62,7 @@ def test_follows_the_colour_word(executor):
     """The shipped base reads the prompt: at one seed, most colour words come out in that colour.
 
     A model that ignores the text draws the same canvas for every prompt, so at most the one or two
-    colours in it could match; the shipped base gets 8 of 10 here (orange is its weak colour).
+    colours in it could match; the shipped base gets 7 of 10 here.
     """
     from clvr_agent.geneval import COLORS, THRESHOLD
     from clvr_agent.tools.shapeworld.detect import detect
