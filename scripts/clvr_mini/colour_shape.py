@@ -39,6 +39,21 @@ def load(model: str, run: str | None):
     return pipe, step
 
 
+def training_batch(pipe, data: Path, n: int, size: int):
+    """The first ``n`` records of a clvr-mini JSONL as (prompts, target tokens, their position ids)."""
+    from PIL import Image
+
+    from clvr_agent.training import flow_matching as fm
+
+    recs = [json.loads(ln) for ln in data.read_text().splitlines() if ln.strip()][:n]
+    images = []
+    for r in recs:
+        with Image.open(data.parent / r["target"]) as im:
+            images.append(im.convert("RGB"))
+    tokens, ids = fm.pack_target(pipe, fm.encode_images(pipe, fm.to_pixels(pipe, images, size, size)))
+    return [r["prompt"] for r in recs], tokens, ids
+
+
 def measure(pipe, *, seeds: int = 1, size: int = 64, steps: int | None = None, guidance: float | None = None,
             save_grid: Path | None = None) -> dict:
     """Colour+shape accuracy of ``pipe`` over every colour × shape prompt (see the module docstring)."""

@@ -21,11 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main() -> None:
     import torch
-    from PIL import Image
 
     from clvr_agent.tools.flux2_klein import prompt_max_length
     from clvr_agent.training import flow_matching as fm
-    from colour_shape import load
+    from colour_shape import load, training_batch
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -37,21 +36,15 @@ def main() -> None:
     a = p.parse_args()
     torch.set_grad_enabled(False)
     pipe, step = load(a.model, a.run)
-    recs = [json.loads(ln) for ln in a.data.read_text().splitlines() if ln.strip()][: a.n]
-    images = []
-    for r in recs:
-        with Image.open(a.data.parent / r["target"]) as im:
-            images.append(im.convert("RGB"))
-    prompts = [r["prompt"] for r in recs]
+    prompts, tokens, ids = training_batch(pipe, a.data, a.n, a.size)
     shuffled = prompts[:]
     random.Random(0).shuffle(shuffled)
-    tokens, ids = fm.pack_target(pipe, fm.encode_images(pipe, fm.to_pixels(pipe, images, a.size, a.size)))
     noise = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(0))
     conds = {name: fm.Condition(*fm.encode_text(pipe, ps, max_sequence_length=prompt_max_length(pipe)))
              for name, ps in (("right", prompts), ("shuffled", shuffled), ("empty", [""] * len(prompts)))}
-    out = {"model": a.model, "run": a.run, "step": step, "n": len(recs)}
+    out = {"model": a.model, "run": a.run, "step": step, "n": len(prompts)}
     for s in (float(x) for x in a.sigmas.split(",")):
-        sigma = torch.full((len(recs),), s)
+        sigma = torch.full((len(prompts),), s)
         x_t, target = fm.noisy_target(tokens, noise, sigma)
         out[f"sigma_{s:g}"] = {name: round(float(((fm.velocity(pipe.transformer, x_t, ids, sigma, c) - target) ** 2).mean()), 4)
                                for name, c in conds.items()}

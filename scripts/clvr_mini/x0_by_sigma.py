@@ -25,7 +25,7 @@ def main() -> None:
 
     from clvr_agent.tools.flux2_klein import prompt_max_length
     from clvr_agent.training import flow_matching as fm
-    from colour_shape import load
+    from colour_shape import load, training_batch
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -42,20 +42,16 @@ def main() -> None:
     if not all(0.0 < s <= 1.0 for s in sigmas):
         p.error(f"--sigmas must lie in (0, 1], got {a.sigmas}")
     pipe, step = load(a.model, a.run)
-    recs = [json.loads(ln) for ln in a.data.read_text().splitlines() if ln.strip()][: a.n]
-    images = [Image.open(a.data.parent / r["target"]).convert("RGB") for r in recs]
-    prompts = [r["prompt"] for r in recs]
-    x0, ids = fm.pack_target(pipe, fm.encode_images(pipe, fm.to_pixels(pipe, images, a.size, a.size)))
-    embeds, _ = pipe.encode_prompt(prompt=prompts, device=x0.device, num_images_per_prompt=1,
-                                   max_sequence_length=prompt_max_length(pipe))
-    cond = fm.Condition(embeds, pipe._prepare_text_ids(embeds).to(x0.device))
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(a.seed)).to(x0)
+    prompts, x0, ids = training_batch(pipe, a.data, a.n, a.size)
+    cond = fm.Condition(*fm.encode_text(pipe, prompts, max_sequence_length=prompt_max_length(pipe)))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(a.seed))
     rows = [fm.decode_tokens(pipe, x0, ids, a.size, a.size)]
     for s in sigmas:
-        xt = (1 - s) * x0 + s * noise
-        v = fm.velocity(pipe.transformer, xt, ids, torch.full((len(recs),), s, device=x0.device), cond)
-        rows.append(fm.decode_tokens(pipe, xt - s * v, ids, a.size, a.size))
-    sheet = Image.new("RGB", (a.size * len(recs), a.size * len(rows)))
+        sigma = torch.full((len(prompts),), s)
+        x_t, _ = fm.noisy_target(x0, noise, sigma)
+        rows.append(fm.decode_tokens(pipe, x_t - s * fm.velocity(pipe.transformer, x_t, ids, sigma, cond), ids, a.size, a.size))
+    n = len(prompts)
+    sheet = Image.new("RGB", (a.size * n, a.size * len(rows)))
     for j, row in enumerate(rows):
         for i, im in enumerate(row):
             sheet.paste(im, (i * a.size, j * a.size))
