@@ -39,6 +39,16 @@ def load(model: str, run: str | None):
     return pipe, step
 
 
+def add_batch_args(p: argparse.ArgumentParser, *, n: int, sigmas: str) -> None:
+    """The options of the scripts that look at training records through a model (text_dependence, x0_by_sigma)."""
+    p.add_argument("--model", required=True)
+    p.add_argument("--run", default=None, help="apply this running stage's newest checkpoint to --model")
+    p.add_argument("--data", type=Path, required=True, help="a clvr-mini JSONL")
+    p.add_argument("--n", type=int, default=n, help="its first N records")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--sigmas", default=sigmas)
+
+
 def training_batch(pipe, data: Path, n: int, size: int):
     """The first ``n`` records of a clvr-mini JSONL as (prompts, target tokens, their position ids)."""
     from PIL import Image

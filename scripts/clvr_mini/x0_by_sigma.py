@@ -25,15 +25,10 @@ def main() -> None:
 
     from clvr_agent.tools.flux2_klein import prompt_max_length
     from clvr_agent.training import flow_matching as fm
-    from colour_shape import load, training_batch
+    from colour_shape import add_batch_args, load, training_batch
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--run", default=None)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--n", type=int, default=8)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--sigmas", default="0.5,0.7,0.85,0.95")
+    add_batch_args(p, n=8, sigmas="0.5,0.7,0.85,0.95")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="PNG: columns are records, rows are σ")
     a = p.parse_args()
