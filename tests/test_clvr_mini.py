@@ -58,20 +58,24 @@ def test_one_iteration_loop_runs(executor, tmp_path):
     assert out["final_image"] and out["trajectory"]["steps"]
 
 
+def _found(executor, prompt: str) -> list:
+    """Confident ShapeWorld detections on the executor's seed-0 canvas for ``prompt``."""
+    from clvr_agent.geneval import THRESHOLD
+    from clvr_agent.tools.shapeworld.detect import detect
+
+    out = executor.generate(ExecutorRequest(mode="generate", instruction=prompt, accumulated_prompt=prompt, seed=0), [])
+    return [d for d in detect(out.image.convert("RGB")) if d.score > THRESHOLD]
+
+
 def test_follows_the_colour_word(executor):
     """The shipped base reads the prompt: at one seed, most colour words come out in that colour.
 
     A model that ignores the text draws the same canvas for every prompt, so at most the one or two
     colours in it could match; the shipped base gets 7 of 10 here.
     """
-    from clvr_agent.geneval import COLORS, THRESHOLD
-    from clvr_agent.tools.shapeworld.detect import detect
+    from clvr_agent.geneval import COLORS
 
-    hits = []
-    for colour in COLORS:
-        prompt = f"a photo of a {colour} square"
-        out = executor.generate(ExecutorRequest(mode="generate", instruction=prompt, accumulated_prompt=prompt, seed=0), [])
-        hits.append(colour in {d.color for d in detect(out.image.convert("RGB")) if d.score > THRESHOLD})
+    hits = [colour in {d.color for d in _found(executor, f"a photo of a {colour} square")} for colour in COLORS]
     assert sum(hits) >= 6, dict(zip(COLORS, hits))
 
 
@@ -82,15 +86,8 @@ def test_draws_the_shape_word(executor):
     The same canvas for every prompt could show at most one or two of the six classes per colour; the
     second run's base (colour learned, shape not) got 2 of 18 here, the shipped third-run base 17.
     """
-    from clvr_agent.geneval import THRESHOLD
-    from clvr_agent.tools.shapeworld.detect import detect
     from clvr_agent.tools.shapeworld.world import CLASSES
 
-    hits = {}
-    for colour in ("green", "black", "purple"):
-        for shape in CLASSES:
-            prompt = f"a photo of a {colour} {shape}"
-            req = ExecutorRequest(mode="generate", instruction=prompt, accumulated_prompt=prompt, seed=0)
-            out = executor.generate(req, [])
-            hits[prompt] = shape in {d.cls for d in detect(out.image.convert("RGB")) if d.score > THRESHOLD}
+    hits = {f"a photo of a {c} {s}": s in {d.cls for d in _found(executor, f"a photo of a {c} {s}")}
+            for c in ("green", "black", "purple") for s in CLASSES}
     assert sum(hits.values()) >= 12, hits
