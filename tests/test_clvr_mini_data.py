@@ -72,6 +72,39 @@ def test_centre_single_puts_a_lone_object_in_the_middle(tmp_path):
             assert len(dets) == 2
 
 
+def test_slots_put_several_objects_on_a_fixed_grid_and_keep_the_prompt_true(tmp_path):
+    from clvr_agent.geneval import evaluate_image
+
+    path = write_dataset(tmp_path, DataConfig(pairs=16, size=256, tier_fraction=0.0, tags="position,counting,color_attr",
+                                              slots=True, min_size=80, max_size=112, seed=5))
+    centres = {64, 128, 192, 256 // 6, 256 // 2, 5 * 256 // 6}  # halves, thirds, the middle
+    on_grid = 0
+    for r in (json.loads(ln) for ln in path.read_text().splitlines()):
+        with Image.open(tmp_path / r["target"]) as im:
+            dets = detect(im.convert("RGB"))
+        line = {"tag": r["tag"], **_line(r["prompt"])}
+        assert evaluate_image(line, dets)[0], r["prompt"]
+        near = lambda v: min(abs(v - c) for c in centres) <= 3
+        on_grid += all(near((d.box[0] + d.box[2]) / 2) and near((d.box[1] + d.box[3]) / 2) for d in dets)
+    assert on_grid >= 12  # a scene whose snapped layout would break the prompt keeps its free layout
+
+
+def test_snap_keeps_order_along_the_main_axis():
+    from clvr_agent.tools.shapeworld.world import Obj
+    from clvr_agent.training.clvr_mini_data import snap_to_slots
+
+    a, b = Obj("circle", "red", 150, 40, 60), Obj("square", "blue", 20, 90, 60)  # b is left of a
+    sa, sb = snap_to_slots([a, b])
+    assert sb.x0 + sb.size / 2 == 64 and sa.x0 + sa.size / 2 == 192 and sa.y0 == sb.y0 == 98
+    assert snap_to_slots([a]) is None
+
+
+def _line(prompt: str) -> dict:
+    from clvr_agent.tools.shapeworld.language import parse_prompt
+
+    return parse_prompt(prompt)
+
+
 def test_cli_flags(tmp_path):
     from clvr_agent.training.clvr_mini_data import main
 

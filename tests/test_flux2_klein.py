@@ -306,8 +306,23 @@ def test_native_draw_size_and_canvas_size(tiny_klein, tmp_path):
     assert first.size == edit.size == inpaint.size == (128, 128)
     tokens_64 = seen[0]  # 64x64 draw; an edit adds one 64x64 reference of the same length
     assert seen[4] == 2 * tokens_64
-    (tmp_path / "m" / "clvr_canvas.json").write_text(json.dumps({"draw": 64}))
+    assert ex.defaults() == (4, 1.0)  # the tiny fixture is distilled: "guidance" never applies to it
+    index = json.loads((tmp_path / "m" / "model_index.json").read_text())
+    (tmp_path / "m" / "model_index.json").write_text(json.dumps({**index, "is_distilled": False}))
+    base = Flux2KleinExecutor.from_pretrained(str(tmp_path / "m"), torch_dtype="float32", device="cpu")
+    assert base.defaults() == (28, 4.0)  # a base checkpoint, no "guidance" key: klein's default
+    (tmp_path / "m" / "clvr_canvas.json").write_text(json.dumps({"draw_size": 64, "guidance": 2.0}))
+    tuned = Flux2KleinExecutor.from_pretrained(str(tmp_path / "m"), torch_dtype="float32", device="cpu")
+    assert tuned.defaults() == (28, 2.0)
+    fast = {"steps": 2}
+    assert tuned.generate(req.model_copy(update=fast), []).info["guidance"] == 2.0
+    assert tuned.generate(req.model_copy(update={**fast, "guidance": 3.0}), []).info["guidance"] == 3.0  # a request wins
+    (tmp_path / "m" / "clvr_canvas.json").write_text(json.dumps({"draw_size": 64, "guidance": 0.5}))
     import pytest
+
+    with pytest.raises(ValueError, match="base_guidance must be"):
+        Flux2KleinExecutor.from_pretrained(str(tmp_path / "m"), torch_dtype="float32", device="cpu")
+    (tmp_path / "m" / "clvr_canvas.json").write_text(json.dumps({"draw": 64}))
 
     from clvr_agent.tools.flux2_klein import CheckpointError
 

@@ -355,3 +355,19 @@ def test_counts_past_ten_round_trip_as_digits():
     np_ = NP("star", 15, "pink")
     assert np_.text() == "15 pink stars" and parse_np(np_.text()) == np_
     assert parse_np("three red circles") == NP("circle", 3, "red")
+
+
+def test_loop_stops_asking_for_edits_the_executor_cannot_carry_out():
+    # An executor whose edits never take (a base model never trained to edit): once the passive
+    # check has failed an edit through all its retries, every further correction is a fresh draw.
+    from clvr_agent.api import create_clvr
+
+    broken = ShapeWorldExecutor(WorldConfig(eps_per_constraint=0.6, eps_max=0.9, edit_success=0.0, edit_disturb=0.0))
+    out = create_clvr(broken, max_iterations=6).invoke({"prompt": "a photo of a red circle left of a blue square", "seed": 3})
+    steps = out["trajectory"]["steps"]
+    stuck = [i for i, s in enumerate(steps) if s["accepted"] and s["request"]["mode"] == "edit"
+             and not s["passive"]["executed"]]
+    assert stuck, [(s["request"]["mode"], s["instruction"]) for s in steps]
+    later = steps[stuck[0] + 1:]
+    assert later and all(s["request"]["mode"] == "generate" and s["instruction"].startswith("redraw:") for s in later)
+    assert out["trajectory"]["iterations"] > 2  # it kept trying rather than repeating a dead edit

@@ -77,10 +77,13 @@ class Flux2KleinExecutor:
         source: str = "<in-memory pipeline>",
         draw_size: Optional[int] = None,
         canvas_size: Optional[int] = None,
+        base_guidance: Optional[float] = None,
     ):
         """``draw_size``: the side the checkpoint draws at when a request names no size (references are
         resized to it). ``canvas_size``: the side of the canvas handed back to the loop (resized with
-        Lanczos) — for a model trained at a small native size, such as clvr-mini (64 → 256)."""
+        Lanczos) — for a model trained at a small native size, such as clvr-mini (64 → 256).
+        ``base_guidance``: the CFG scale a non-distilled checkpoint draws with when a request names
+        none (default 4.0, klein's; clvr-mini's folder sets the scale measured best for it)."""
         from diffusers import Flux2KleinInpaintPipeline, Flux2KleinKVPipeline, Flux2KleinPipeline
 
         if not isinstance(pipe, (Flux2KleinPipeline, Flux2KleinKVPipeline)):
@@ -90,6 +93,9 @@ class Flux2KleinExecutor:
         self.source = source
         self.draw_size = draw_size
         self.canvas_size = canvas_size
+        if base_guidance is not None and base_guidance < 1.0:
+            raise ValueError(f"base_guidance must be ≥ 1 (1 turns CFG off), got {base_guidance}")
+        self.base_guidance = BASE_GUIDANCE if base_guidance is None else float(base_guidance)
         self.is_kv = isinstance(pipe, Flux2KleinKVPipeline)
         # The KV pipeline is step-distilled by construction and has no guidance argument.
         self.is_distilled = self.is_kv or bool(pipe.config.get("is_distilled", False))
@@ -156,7 +162,7 @@ class Flux2KleinExecutor:
             pipe.to(device)
         sizes = _canvas_config(local) if local is not None else {}
         executor = cls(pipe, source=model, draw_size=draw_size or sizes.get("draw_size"),
-                       canvas_size=canvas_size or sizes.get("canvas_size"))
+                       canvas_size=canvas_size or sizes.get("canvas_size"), base_guidance=sizes.get("guidance"))
         if offload:
             executor.inpaint_pipe.enable_model_cpu_offload(device=device)
         return executor
@@ -167,8 +173,8 @@ class Flux2KleinExecutor:
         return self.pipe.vae_scale_factor * 2
 
     def defaults(self) -> tuple[int, float]:
-        """(steps, guidance) when the request leaves them unset: 4 / 1.0 distilled, 28 / 4.0 base (CFG)."""
-        return (DISTILLED_STEPS, DISTILLED_GUIDANCE) if self.is_distilled else (BASE_STEPS, BASE_GUIDANCE)
+        """(steps, guidance) when the request leaves them unset: 4 / 1.0 distilled, 28 / ``base_guidance`` base (CFG)."""
+        return (DISTILLED_STEPS, DISTILLED_GUIDANCE) if self.is_distilled else (BASE_STEPS, self.base_guidance)
 
     @torch.no_grad()
     def generate(
@@ -313,14 +319,15 @@ CANVAS_CONFIG = "clvr_canvas.json"
 
 
 def _canvas_config(folder: Path) -> dict:
-    """Optional ``clvr_canvas.json`` in a checkpoint folder: ``{"draw_size": 64, "canvas_size": 256}``."""
+    """Optional ``clvr_canvas.json`` in a checkpoint folder: ``{"draw_size": 64, "canvas_size": 256}``,
+    optionally with ``"guidance"``: the base CFG scale measured best for this checkpoint."""
     path = folder / CANVAS_CONFIG
     if not path.is_file():
         return {}
     sizes = json.loads(path.read_text())
-    unknown = set(sizes) - {"draw_size", "canvas_size"}
+    unknown = set(sizes) - {"draw_size", "canvas_size", "guidance"}
     if unknown:
-        raise CheckpointError(f"{path}: unknown keys {sorted(unknown)}; expected draw_size and canvas_size")
+        raise CheckpointError(f"{path}: unknown keys {sorted(unknown)}; expected draw_size, canvas_size, guidance")
     return sizes
 
 

@@ -25,13 +25,13 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from clvr_agent.geneval import COLORS, TAGS
+from clvr_agent.geneval import COLORS, TAGS, evaluate_image
 from clvr_agent.tools.shapeworld.controller import repair_ops
 from clvr_agent.tools.shapeworld.detect import detect
 from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor, apply_op
 from clvr_agent.tools.shapeworld.language import NP, Op, format_instruction, geneval_line, tier_line
 from clvr_agent.tools.shapeworld.render import render
-from clvr_agent.tools.shapeworld.world import CANVAS, CLASSES, MAX_SIZE, MIN_SIZE, RELATIONS, Obj, Scene, WorldConfig, restyled
+from clvr_agent.tools.shapeworld.world import CANVAS, CLASSES, MAX_SIZE, MIN_SIZE, RELATIONS, SAME_COLOR_GAP, Obj, Scene, WorldConfig, restyled
 
 EXACT = WorldConfig(eps_per_constraint=0.0, edit_success=1.0, edit_disturb=0.0)
 
@@ -49,6 +49,7 @@ class DataConfig:
     min_size: float = float(MIN_SIZE)  # object side range on the 256 px canvas (ShapeWorld's default 24..72)
     max_size: float = float(MAX_SIZE)
     centre_single: bool = False  # draw a prompt's lone object at the canvas centre (a curriculum: the text then decides most pixels)
+    slots: bool = False  # snap 2-4 object scenes to fixed slots (a row or a 2x2 grid; see ``snap_to_slots``)
     tags: str = ",".join(TAGS)  # GenEval tags the tag prompts are drawn from (comma-separated), e.g. a curriculum's easy tags
     seed: int = 0
 
@@ -133,6 +134,42 @@ def edit_triplet(rng: np.random.Generator, cfg: DataConfig) -> Optional[tuple[st
     return f"{line['prompt']}\n{format_instruction(ops)}", before, after
 
 
+def snap_to_slots(objects: list[Obj]) -> Optional[list[Obj]]:
+    """The scene with its objects moved to fixed slots, keeping their order along the scene's main axis.
+
+    A position curriculum for a small model: with objects anywhere, the best guess at high noise is a
+    position-averaged blob and the shape never forms; with a few fixed slots there are few positions
+    to average over. Two objects sit side by side in the canvas's halves (left/right, or top/bottom
+    when the scene is more tall than wide), three in a row of thirds, four in a 2x2 grid, each centred
+    in its cell and shrunk to leave a gap. Order along the axis is kept, so a relation the scene
+    satisfied still holds. Returned in the input's order; ``None`` for other counts.
+    """
+    n = len(objects)
+    if n < 2 or n > 4:
+        return None
+    xs = [o.x0 + o.size / 2 for o in objects]
+    ys = [o.y0 + o.size / 2 for o in objects]
+    horizontal = (max(xs) - min(xs)) >= (max(ys) - min(ys))
+    if n == 4:
+        order = sorted(range(n), key=lambda i: ys[i])
+        order = sorted(order[:2], key=lambda i: xs[i]) + sorted(order[2:], key=lambda i: xs[i])
+        cells = [(c, r) for r in range(2) for c in range(2)]
+        k = 2
+    else:
+        order = sorted(range(n), key=lambda i: xs[i] if horizontal else ys[i])
+        cells = [(i, 0) if horizontal else (0, i) for i in range(n)]
+        k = n
+    pitch = CANVAS / k
+    out = list(objects)
+    for i, (cx, cy) in zip(order, cells):
+        o = objects[i]
+        size = min(o.size, pitch - 2 * SAME_COLOR_GAP)
+        x = (cx + 0.5) * pitch - size / 2 if (n == 4 or horizontal) else (CANVAS - size) / 2
+        y = (cy + 0.5) * pitch - size / 2 if (n == 4 or not horizontal) else (CANVAS - size) / 2
+        out[i] = replace(o, x0=x, y0=y, size=size)
+    return out
+
+
 def write_dataset(out_dir: str | Path, cfg: DataConfig) -> Path:
     """Write ``out_dir/data.jsonl`` and ``out_dir/img/*.png``; returns the JSONL path."""
     out = Path(out_dir)
@@ -151,7 +188,12 @@ def write_dataset(out_dir: str | Path, cfg: DataConfig) -> Path:
         if cfg.centre_single and len(objects) == 1:
             o = objects[0]
             objects = [replace(o, x0=(CANVAS - o.size) / 2, y0=(CANVAS - o.size) / 2)]
-        target = save(render_objects(objects, rng), f"t{i:06d}.png")
+        canvas = render_objects(objects, rng)
+        if cfg.slots and (snapped := snap_to_slots(objects)) is not None:
+            slotted = render_objects(snapped, rng)
+            if evaluate_image(line, detect(slotted))[0]:  # keep the snap only where the prompt still holds
+                canvas = slotted
+        target = save(canvas, f"t{i:06d}.png")
         records.append({"prompt": line["prompt"], "references": [], "target": target, "tag": line["tag"]})
     made = 0
     while made < cfg.edits:

@@ -64,6 +64,18 @@ def clause_constraints(line: dict) -> list[Constraint]:
     return out
 
 
+def edits_not_executed(history: list[Step]) -> str:
+    """The instruction of an edit this run accepted although its passive check failed, or "".
+
+    The graph retries an unexecuted step with new seeds and then accepts it as it is, so such a
+    step means the executor failed that edit on every try: asking it for more edits wastes calls.
+    """
+    for s in history:
+        if s.accepted and s.request.mode == "edit" and s.passive is not None and not s.passive.executed:
+            return s.instruction
+    return ""
+
+
 class ShapeWorldController:
     """Plans, verifies and corrects ShapeWorld prompts exactly (GenEval's rules on detections).
 
@@ -122,11 +134,15 @@ class ShapeWorldController:
         failing = oks.count(False)
         ops = repair_ops(line, dets)
         # A fresh draw is tried at most once: on a complex prompt it rarely lands better than an edit.
+        # Unless the passive track has shown that this executor does not carry out edits: then every
+        # further correction is a fresh draw (the loop keeps the best canvas it has seen).
         redrawn = any(s.instruction.startswith("redraw:") for s in history)
         mostly_wrong = failing > self.redraw_fraction * len(oks) and len(ops) >= len(line["include"])
-        if not ops or (mostly_wrong and not redrawn):
-            return Correction(instruction=f"redraw: {line['prompt']}", mode="regenerate",
-                              reasoning=f"{failing} of {len(oks)} clauses fail; drawing afresh is the shorter fix")
+        stuck = edits_not_executed(history)
+        if not ops or (mostly_wrong and not redrawn) or stuck:
+            why = (f"an earlier edit was not carried out ({stuck}); only a fresh draw can still help" if stuck
+                   else f"{failing} of {len(oks)} clauses fail; drawing afresh is the shorter fix")
+            return Correction(instruction=f"redraw: {line['prompt']}", mode="regenerate", reasoning=why)
         return Correction(instruction=format_instruction(ops), mode="edit",
                           reasoning=f"{failing} of {len(oks)} clauses fail; {len(ops)} op(s) fix them")
 
