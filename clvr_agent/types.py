@@ -103,6 +103,9 @@ class Correction(_Record):
     mode: CorrectionMode = "edit"
     reasoning: str = ""
     region: Optional[Region] = None
+    region_prompt: Optional[str] = Field(None, description=(
+        "With mode 'inpaint': what the region alone should show (e.g. 'a photo of a blue square'); the "
+        "executor then draws the region afresh from it and pastes it into the canvas."))
 
 
 class ExecutorRequest(_Record):
@@ -118,6 +121,7 @@ class ExecutorRequest(_Record):
     height: Optional[int] = None
     width: Optional[int] = None
     region: Optional[Region] = None
+    region_prompt: Optional[str] = None
 
 
 class Step(_Record):

@@ -133,6 +133,7 @@ def build_request(state: ClvrState, ctx: ClvrContext) -> ExecutorRequest:
         mode=mode, instruction=pending.instruction, accumulated_prompt=accumulated,
         references=refs, seed=step_seed(state["seed"], len(steps)), steps=s.steps,
         guidance=s.guidance, height=s.height, width=s.width, region=pending.region,
+        region_prompt=pending.region_prompt,
     )
 
 

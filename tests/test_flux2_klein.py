@@ -153,6 +153,27 @@ def test_inpaint_repaints_the_region(executor, canvas):
         executor.generate(request("inpaint", region=Region(x0=0, y0=0, x1=99, y1=10)), [canvas])
 
 
+def test_region_prompt_draws_the_region_alone_and_pastes_it(executor, canvas):
+    region = Region(x0=8, y0=16, x1=40, y1=48)
+    tiled = request("inpaint", region=region, region_prompt="a photo of a blue square", height=None, width=None)
+    with image_tokens_seen(executor.pipe) as seen:
+        out = executor.generate(tiled, [canvas])
+    assert out.info["pipeline"] == "Flux2KleinPipeline" and out.info["region_prompt"] == "a photo of a blue square"
+    assert out.nfe == 4 and (out.info["height"], out.info["width"]) == (32, 32)  # the tile, at the region's size
+    with image_tokens_seen(executor.pipe) as plain:
+        executor.generate(request(height=32, width=32), [])
+    assert seen[0] == plain[0]  # no reference tokens: the region is drawn afresh from its own prompt
+    after, before = pixels(out.image), pixels(canvas)
+    assert out.image.size == canvas.size
+    inside = np.zeros(before.shape[:2], bool)
+    inside[16:48, 8:40] = True
+    assert np.array_equal(after[~inside], before[~inside])  # the rest of the canvas is untouched
+    assert np.abs(after[inside] - before[inside]).mean() > 1
+    assert pixels(canvas).sum() == before.sum()  # the reference itself was not modified
+    with pytest.raises(ValueError, match="outside"):
+        executor.generate(tiled.model_copy(update={"region": Region(x0=40, y0=0, x1=90, y1=30)}), [canvas])
+
+
 def test_save_load_round_trip_through_the_registry(executor, tiny_klein_dir):
     from clvr_agent.tools.registry import LOAD_COUNTS, clear_cache, get_executor
 

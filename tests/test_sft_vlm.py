@@ -122,7 +122,8 @@ def test_mask_is_exactly_the_assistant_spans(data_dir, tiny, dialogue):
     assert got == [e.reply + "<|im_end|>" for e in exchanges]
     # the replies are the records the controller parses
     assert json.loads(exchanges[3].reply) == {"instruction": "add a square", "mode": "edit",
-                                              "reasoning": "c2 unmet", "region": None}
+                                              "reasoning": "c2 unmet", "region": None,
+                                              "region_prompt": None}
     # padding is masked, and no image token is ever a target
     image_id = tok.convert_tokens_to_ids("<|image_pad|>")
     assert not ((batch["labels"] == image_id).any())

@@ -363,11 +363,33 @@ def test_loop_stops_asking_for_edits_the_executor_cannot_carry_out():
     from clvr_agent.api import create_clvr
 
     broken = ShapeWorldExecutor(WorldConfig(eps_per_constraint=0.6, eps_max=0.9, edit_success=0.0, edit_disturb=0.0))
-    out = create_clvr(broken, max_iterations=6).invoke({"prompt": "a photo of a red circle left of a blue square", "seed": 3})
+    out = create_clvr(broken, max_iterations=6, patience=6).invoke({"prompt": "a photo of a red circle left of a blue square", "seed": 3})
     steps = out["trajectory"]["steps"]
     stuck = [i for i, s in enumerate(steps) if s["accepted"] and s["request"]["mode"] == "edit"
              and not s["passive"]["executed"]]
     assert stuck, [(s["request"]["mode"], s["instruction"]) for s in steps]
-    later = steps[stuck[0] + 1:]
+    later = [s for s in steps[stuck[0] + 1:] if s["request"]["mode"] != "inpaint"]
     assert later and all(s["request"]["mode"] == "generate" and s["instruction"].startswith("redraw:") for s in later)
+    # It tried one object drawn into a clear tile first (this executor fails those too), then only redraws.
+    tiles = [s for s in steps if s["request"]["mode"] == "inpaint"]
+    assert tiles and all(s["request"]["region_prompt"].startswith("a photo of a") for s in tiles)
+    assert steps.index(tiles[-1]) < steps.index(later[0])
     assert out["trajectory"]["iterations"] > 2  # it kept trying rather than repeating a dead edit
+
+
+def test_clear_tile_leaves_every_object_alone_and_keeps_the_relation():
+    from clvr_agent.geneval import relative_position
+    from clvr_agent.tools.shapeworld.controller import TILE_FILL, clear_tile
+    from clvr_agent.tools.shapeworld.language import NP, Op
+
+    dets = detect(_scene_image(Obj("circle", "red", 78, 78, 100)))  # a big circle in the middle
+    op = Op("add", NP("square", 1, "blue"), "right of", NP("circle", None, None))
+    tile = clear_tile(op, dets, (256, 256))
+    assert tile is not None and tile.x1 - tile.x0 == tile.y1 - tile.y0 >= 40
+    (circle,) = [d.box for d in dets]
+    assert box_gap((tile.x0, tile.y0, tile.x1, tile.y1), circle) >= 1  # pasting it cannot clip the circle
+    inset = (tile.x1 - tile.x0) * (1 - TILE_FILL) / 2
+    inner = (tile.x0 + inset, tile.y0 + inset, tile.x1 - inset, tile.y1 - inset)
+    assert "right of" in relative_position(inner, circle)
+    crowded = detect(_scene_image(Obj("circle", "red", 8, 8, 240)))  # no room anywhere
+    assert clear_tile(Op("add", NP("square", 1, None)), crowded, (256, 256)) is None

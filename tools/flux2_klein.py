@@ -2,7 +2,9 @@
 
 One loaded checkpoint serves three modes with the same components (nothing is loaded twice):
 ``generate`` (text→image), ``edit`` (the last K canvases as reference images) and ``inpaint``
-(``Flux2KleinInpaintPipeline`` over the latest canvas, masked to ``request.region``). A KV checkpoint
+(``Flux2KleinInpaintPipeline`` over the latest canvas, masked to ``request.region``; with
+``request.region_prompt`` the region alone is drawn afresh from that prompt at the native size and
+pasted in — how a model that draws lone objects well adds one where the controller says). A KV checkpoint
 (``model_index.json`` names ``Flux2KleinKVPipeline``) caches reference tokens across steps.
 
 Conditioning is trajectory-accumulative: the prompt is ``request.accumulated_prompt`` verbatim (the
@@ -160,7 +162,7 @@ class Flux2KleinExecutor:
             pipe.enable_model_cpu_offload(device=device)
         else:
             pipe.to(device)
-        sizes = _canvas_config(local) if local is not None else {}
+        sizes = canvas_config(local) if local is not None else {}
         executor = cls(pipe, source=model, draw_size=draw_size or sizes.get("draw_size"),
                        canvas_size=canvas_size or sizes.get("canvas_size"), base_guidance=sizes.get("guidance"))
         if offload:
@@ -210,6 +212,8 @@ class Flux2KleinExecutor:
             finally:
                 hook.remove()
             seconds = time.perf_counter() - t0
+        if request.mode == "inpaint" and request.region_prompt:
+            image = paste_region(references[-1], image, request.region)
         if self.canvas_size and image.size != (self.canvas_size, self.canvas_size):
             image = image.resize((self.canvas_size, self.canvas_size), Image.Resampling.LANCZOS)
         if cancelled:
@@ -222,6 +226,7 @@ class Flux2KleinExecutor:
             "references": len(kwargs["image"]) if request.mode == "edit" else int(request.mode == "inpaint"),
             "height": kwargs["height"],
             "width": kwargs["width"],
+            "region_prompt": request.region_prompt if request.mode == "inpaint" else None,
             "prompt_tokens": self.prompt_tokens(request.accumulated_prompt),
             "max_sequence_length": self.max_sequence_length,
         }
@@ -258,6 +263,17 @@ class Flux2KleinExecutor:
             pipe = self.pipe
             height, width = self._size(request, refs[-1])  # default: the latest canvas's size
             kwargs["image"] = refs
+        elif request.mode == "inpaint" and request.region_prompt:
+            if not refs or request.region is None:
+                raise ValueError("mode 'inpaint' needs a reference canvas and request.region")
+            # Regional draw: the region alone, drawn afresh from its own prompt at the checkpoint's
+            # native size; generate() pastes it into the canvas ("inpaint only masked" at strength 1).
+            pipe = self.pipe
+            check_region(request.region, originals[-1].size)
+            r, m = request.region, self.size_multiple
+            side = self.draw_size or max(m, -(-max(r.x1 - r.x0, r.y1 - r.y0) // m) * m)
+            height, width = request.height or side, request.width or side
+            kwargs["prompt"] = self.fit_prompt(request.region_prompt)
         elif request.mode == "inpaint":
             if not refs or request.region is None:
                 raise ValueError("mode 'inpaint' needs a reference canvas and request.region")
@@ -318,7 +334,7 @@ class Flux2KleinExecutor:
 CANVAS_CONFIG = "clvr_canvas.json"
 
 
-def _canvas_config(folder: Path) -> dict:
+def canvas_config(folder: Path) -> dict:
     """Optional ``clvr_canvas.json`` in a checkpoint folder: ``{"draw_size": 64, "canvas_size": 256}``,
     optionally with ``"guidance"``: the base CFG scale measured best for this checkpoint."""
     path = folder / CANVAS_CONFIG
@@ -362,6 +378,20 @@ def scale_region(region: Region, src: tuple[int, int], dst: tuple[int, int]) -> 
         x0=int(region.x0 * fx), y0=int(region.y0 * fy), x1=max(int(region.x1 * fx), int(region.x0 * fx) + 1),
         y1=max(int(region.y1 * fy), int(region.y0 * fy) + 1),
     )
+
+
+def check_region(region: Region, size: tuple[int, int]) -> None:
+    w, h = size
+    if not (0 <= region.x0 < region.x1 <= w and 0 <= region.y0 < region.y1 <= h):
+        raise ValueError(f"region {region.model_dump()} is empty or outside the {w}×{h} canvas")
+
+
+def paste_region(canvas: Image.Image, tile: Image.Image, region: Region) -> Image.Image:
+    """``canvas`` with ``tile`` resized (Lanczos) into ``region``; the canvas itself is not changed."""
+    out = canvas.convert("RGB").copy()
+    box = (region.x0, region.y0, region.x1, region.y1)
+    out.paste(tile.convert("RGB").resize((region.x1 - region.x0, region.y1 - region.y0), Image.Resampling.LANCZOS), box)
+    return out
 
 
 def region_mask(region: Region, size: tuple[int, int]) -> Image.Image:

@@ -147,7 +147,8 @@ def trajectory_exchanges(
             width=step.canvas.width, height=step.canvas.height,
         )
         correction = Correction(instruction=nxt.instruction, mode=_TO_CORRECTION_MODE[nxt.request.mode],
-                                reasoning=nxt.reasoning, region=nxt.request.region)
+                                reasoning=nxt.reasoning, region=nxt.request.region,
+                                region_prompt=nxt.request.region_prompt)
         out.append(Exchange("correct", [_text(text), _text(prompts.CURRENT_CANVAS_LABEL), _image(step.canvas, root)],
                             correction.model_dump_json(),
                             _history_images(history, step.canvas, root, history_images)))

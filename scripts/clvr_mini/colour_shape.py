@@ -125,13 +125,18 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=None, help="default: 4 for distilled folders, else 28")
-    p.add_argument("--guidance", type=float, default=None, help="default: 1 for distilled folders, else 4")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="default: 1 for distilled folders, else the folder's clvr_canvas.json guidance, else 4")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--save-grid", type=Path, default=None, help="PNG of every canvas (rows: colours, cols: shapes)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     pipe, step = load(a.model, a.run)
+    if a.guidance is None and not pipe.config.is_distilled:  # the folder's own base CFG scale, as the executor uses
+        from clvr_agent.tools.flux2_klein import canvas_config
+
+        a.guidance = canvas_config(Path(a.model)).get("guidance")
     res = {"model": a.model, "run": a.run, "step": step,
            **measure(pipe, seeds=a.seeds, size=a.size, steps=a.steps, guidance=a.guidance, save_grid=a.save_grid)}
     line = json.dumps(res)

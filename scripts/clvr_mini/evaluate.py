@@ -85,7 +85,8 @@ def main() -> None:
     if a.colour_shape_seeds:
         from colour_shape import load, measure
 
-        row["colour_shape"] = measure(load(a.model, None)[0], seeds=a.colour_shape_seeds)
+        row["colour_shape"] = measure(load(a.model, None)[0], seeds=a.colour_shape_seeds,
+                                      steps=row["steps"], guidance=row["guidance"])  # as the executor draws
         print("colour_shape", json.dumps(row["colour_shape"]), flush=True)
     for mode in [m for m in a.modes.split(",") if m]:
         t0 = time.perf_counter()

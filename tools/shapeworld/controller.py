@@ -24,13 +24,14 @@ from clvr_agent.geneval import (
 from clvr_agent.tools.base import ControllerOutputError
 from clvr_agent.tools.shapeworld.detect import detect
 from clvr_agent.tools.shapeworld.language import NP, Op, format_instruction, parse_instruction, parse_prompt
-from clvr_agent.tools.shapeworld.world import OPPOSITE
+from clvr_agent.tools.shapeworld.world import OPPOSITE, box_gap
 from clvr_agent.types import (
     Constraint,
     ConstraintResult,
     Correction,
     PassiveCheck,
     Plan,
+    Region,
     Step,
     Verdict,
 )
@@ -64,16 +65,46 @@ def clause_constraints(line: dict) -> list[Constraint]:
     return out
 
 
-def edits_not_executed(history: list[Step]) -> str:
-    """The instruction of an edit this run accepted although its passive check failed, or "".
+def steps_not_executed(history: list[Step], mode: str) -> str:
+    """The instruction of a ``mode`` step this run accepted although its passive check failed, or "".
 
     The graph retries an unexecuted step with new seeds and then accepts it as it is, so such a
-    step means the executor failed that edit on every try: asking it for more edits wastes calls.
+    step means the executor failed that kind of step on every try: asking for more wastes calls.
     """
     for s in history:
-        if s.accepted and s.request.mode == "edit" and s.passive is not None and not s.passive.executed:
+        if s.accepted and s.request.mode == mode and s.passive is not None and not s.passive.executed:
             return s.instruction
     return ""
+
+
+def edits_not_executed(history: list[Step]) -> str:
+    return steps_not_executed(history, "edit")
+
+
+# A lone object drawn into a tile fills about this fraction of its side (clvr-mini's training canvases:
+# 96-128 px objects on 256 px); the tile is chosen so that an object of that size there satisfies the op.
+TILE_FILL = 0.45
+MIN_TILE = 40
+
+
+def clear_tile(op: Op, dets: list[Detection], size: tuple[int, int], step: int = 8) -> Optional[Region]:
+    """The largest square tile that touches no detected object and where a centred object of
+    ``TILE_FILL`` of its side stands in ``op``'s relation to every matching reference; None if none.
+    Pasting a freshly drawn tile there cannot clip an object already on the canvas."""
+    w, h = size
+    boxes = [d.box for d in dets if d.score > THRESHOLD]
+    refs = [d.box for d in dets if d.score > THRESHOLD and op.relation and op.reference.matches(d.cls, d.color)]
+    for side in range(min(w, h), MIN_TILE - 1, -step):
+        inset = side * (1 - TILE_FILL) / 2
+        for y in range(0, h - side + 1, step):
+            for x in range(0, w - side + 1, step):
+                tile = (x, y, x + side, y + side)
+                if any(box_gap(tile, b) < 1 for b in boxes):
+                    continue
+                inner = (x + inset, y + inset, x + side - inset, y + side - inset)
+                if all(op.relation in relative_position(inner, r) for r in refs):
+                    return Region(x0=x, y0=y, x1=x + side, y1=y + side)
+    return None
 
 
 class ShapeWorldController:
@@ -139,12 +170,32 @@ class ShapeWorldController:
         redrawn = any(s.instruction.startswith("redraw:") for s in history)
         mostly_wrong = failing > self.redraw_fraction * len(oks) and len(ops) >= len(line["include"])
         stuck = edits_not_executed(history)
+        if stuck and not steps_not_executed(history, "inpaint"):
+            region = self._region_add(ops, dets, canvas.size)
+            if region is not None:
+                return region
         if not ops or (mostly_wrong and not redrawn) or stuck:
             why = (f"an earlier edit was not carried out ({stuck}); only a fresh draw can still help" if stuck
                    else f"{failing} of {len(oks)} clauses fail; drawing afresh is the shorter fix")
             return Correction(instruction=f"redraw: {line['prompt']}", mode="regenerate", reasoning=why)
         return Correction(instruction=format_instruction(ops), mode="edit",
                           reasoning=f"{failing} of {len(oks)} clauses fail; {len(ops)} op(s) fix them")
+
+    def _region_add(self, ops: list[Op], dets: list[Detection], size: tuple[int, int]) -> Optional[Correction]:
+        """The first ``add`` of ``ops`` as one object drawn into a clear tile, or None when none fits."""
+        add = next((op for op in ops if op.kind == "add"), None)
+        if add is None:
+            return None
+        one = Op("add", NP(add.target.cls, 1, add.target.color), add.relation, add.reference)
+        tile = clear_tile(one, dets, size)
+        if tile is None:
+            return None
+        return Correction(
+            instruction=format_instruction([one]), mode="inpaint", region=tile,
+            region_prompt=f"a photo of {NP(one.target.cls, 1, one.target.color).text()}",
+            reasoning=f"whole-canvas edits are not carried out here; drawing {one.target.text()} alone into a "
+                      f"clear {tile.x1 - tile.x0} px tile instead",
+        )
 
     def check_step(self, instruction: str, before: Optional[Image.Image], after: Image.Image) -> PassiveCheck:
         try:
