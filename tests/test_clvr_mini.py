@@ -71,12 +71,12 @@ def test_follows_the_colour_word(executor):
     """The shipped base reads the prompt: at one seed, most colour words come out in that colour.
 
     A model that ignores the text draws the same canvas for every prompt, so at most the one or two
-    colours in it could match; the shipped base gets 7 of 10 here.
+    colours in it could match; the third run's base got 7 of 10 here, the shipped fourth-run base 9.
     """
     from clvr_agent.geneval import COLORS
 
     hits = [colour in {d.color for d in _found(executor, f"a photo of a {colour} square")} for colour in COLORS]
-    assert sum(hits) >= 6, dict(zip(COLORS, hits))
+    assert sum(hits) >= 8, dict(zip(COLORS, hits))
 
 
 def test_draws_the_shape_word(executor):
@@ -84,10 +84,37 @@ def test_draws_the_shape_word(executor):
     come back as that shape for the ShapeWorld detector.
 
     The same canvas for every prompt could show at most one or two of the six classes per colour; the
-    second run's base (colour learned, shape not) got 2 of 18 here, the shipped third-run base 17.
+    second run's base (colour learned, shape not) got 2 of 18 here, the third run's 17, the shipped fourth-run base 18.
     """
     from clvr_agent.tools.shapeworld.world import CLASSES
 
     hits = {f"a photo of a {c} {s}": s in {d.cls for d in _found(executor, f"a photo of a {c} {s}")}
             for c in ("green", "black", "purple") for s in CLASSES}
-    assert sum(hits.values()) >= 12, hits
+    assert sum(hits.values()) >= 15, hits
+
+
+def test_region_draw_adds_the_named_object_where_the_controller_asked(executor):
+    """The loop's region correction on the real model: one object drawn alone into a clear tile and
+    pasted in, judged by the ShapeWorld controller's passive check (the object is there, in relation).
+    The shipped base carries out 5 of these 5 at seed 0..4; a model that ignores the region prompt
+    would add the right colour and shape by chance about 1 time in 60."""
+    from clvr_agent.tools.shapeworld.controller import ShapeWorldController, clear_tile
+    from clvr_agent.tools.shapeworld.detect import detect
+    from clvr_agent.tools.shapeworld.language import NP, Op, format_instruction
+
+    ctl, base = ShapeWorldController(), "a photo of a red circle"
+    asks = [("blue", "square", "right of"), ("green", "star", "left of"), ("yellow", "triangle", "above"),
+            ("black", "cross", "below"), ("purple", "diamond", "right of")]
+    done = {}
+    for seed, (colour, shape, rel) in enumerate(asks):
+        canvas = executor.generate(ExecutorRequest(mode="generate", instruction=base, accumulated_prompt=base, seed=seed), []).image
+        op = Op("add", NP(shape, 1, colour), rel, NP("circle", None, None))
+        tile = clear_tile(op, detect(canvas), canvas.size)
+        assert tile is not None
+        instruction = format_instruction([op])
+        out = executor.generate(ExecutorRequest(
+            mode="inpaint", instruction=instruction, accumulated_prompt=f"{base}\n{instruction}", seed=seed,
+            region=tile, region_prompt=f"a photo of a {colour} {shape}"), [canvas])
+        assert out.image.size == canvas.size
+        done[instruction] = ctl.check_step(instruction, canvas, out.image).executed
+    assert sum(done.values()) >= 4, done

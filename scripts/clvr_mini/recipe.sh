@@ -12,7 +12,12 @@ EVAL=${EVAL:-$W/eval}
 SFT_DATA=${SFT_DATA:-$W/data_sft/data.jsonl}
 N=${N:-30}
 ITERS=${ITERS:-4}
-export W BASE OMP_NUM_THREADS=1
+# The base's CFG scale (its clvr_canvas.json "guidance", else klein's 4): the distillation teacher and
+# PPRL's rollouts draw with it, and every stage folder inherits the base's clvr_canvas.json.
+GUIDANCE=${GUIDANCE:-$(python -c "import json,sys; print(json.load(open(sys.argv[1])).get('guidance', 4.0))" \
+  "$BASE/clvr_canvas.json" 2>/dev/null || echo 4.0)}
+export W BASE GUIDANCE OMP_NUM_THREADS=1
+inherit() { [ ! -f "$BASE/clvr_canvas.json" ] || cp "$BASE/clvr_canvas.json" "$1/"; }
 ev() {  # ev ROW MODEL [extra args]: evaluate in the background
   local row=$1 model=$2; shift 2
   nohup python scripts/clvr_mini/evaluate.py --model "$model" --row "$row" --out "$EVAL/$row" --n "$N" \
@@ -22,12 +27,16 @@ mkdir -p "$EVAL"
 [ -f "$BASE/model_index.json" ] || { echo "no base folder at $BASE (export it with export_checkpoint.py)" >&2; exit 2; }
 [ -n "${SKIP_BASE_EVAL:-}" ] || ev base "$BASE"
 bash scripts/clvr_mini/stage4_distill.sh > "$W/stage4.log" 2>&1  # cheap, so first
+inherit "$W/distill"
 ev distill "$W/distill"
 SFT_DATA=$SFT_DATA bash scripts/clvr_mini/stage2_sft.sh > "$W/stage2.log" 2>&1
+inherit "$W/sft"
 ev sft "$W/sft"
 python scripts/clvr_mini/stage3_pprl.py --model "$W/sft" --data "$SFT_DATA" --out "$W/pprl" \
-  --steps "${PPRL_STEPS:-30}" > "$W/stage3.log" 2>&1
+  --steps "${PPRL_STEPS:-30}" --guidance "$GUIDANCE" > "$W/stage3.log" 2>&1
+inherit "$W/pprl"
 ev pprl "$W/pprl"
 bash scripts/clvr_mini/stage5_merge.sh "$W/pprl" > "$W/stage5.log" 2>&1
+inherit "$W/merged"
 ev merged "$W/merged" --probe "${PROBE_TIERS:-1,2,3,4,5,6}" --per-tier "${PER_TIER:-5}"
 wait

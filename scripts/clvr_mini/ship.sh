@@ -10,6 +10,7 @@ else
   rm -rf "$DEST"; mkdir -p "$(dirname "$DEST")"; cp -r "$1" "$DEST"
   rm -rf "$DEST/checkpoints" "$DEST/log.jsonl" "$DEST/teacher_cache"*
 fi
-# clvr-mini draws at 64 px and hands the ShapeWorld controller 256 px canvases (Flux2KleinExecutor reads this).
-echo '{"draw_size": 64, "canvas_size": 256}' > "$DEST/clvr_canvas.json"
+# clvr-mini draws at 64 px and hands the ShapeWorld controller 256 px canvases (Flux2KleinExecutor reads this),
+# at the CFG scale measured best for the base (GUIDANCE; colour_shape.py --guidance sweeps it).
+echo "{\"draw_size\": 64, \"canvas_size\": 256, \"guidance\": ${GUIDANCE:-2.5}}" > "$DEST/clvr_canvas.json"
 du -sh "$DEST"; ls "$DEST"

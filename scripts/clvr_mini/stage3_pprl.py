@@ -60,10 +60,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale of the rollouts (the base's own)")
     a = p.parse_args()
     torch.set_num_threads(1)
     cfg = PPRLConfig(
-        output_dir=str(a.out), height=64, width=64, max_steps=a.steps, num_steps=10, guidance_scale=4.0,
+        output_dir=str(a.out), height=64, width=64, max_steps=a.steps, num_steps=10, guidance_scale=a.guidance,
         noise_level=0.7, group_size=8, groups_per_step=2, train_timestep_fraction=0.6, text_weight=0.8,
         learning_rate=3e-4, lora_rank=16, max_sequence_length=48, checkpoint_every=10, keep_checkpoints=1,
         resume=a.resume,

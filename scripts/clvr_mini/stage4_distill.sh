@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# clvr-mini stage 4: distil the base (28 steps × CFG 4 = 56 NFE) into a 4-step, guidance-free student
-# of the same layout (`clvr train distill`, trajectory targets), saved with is_distilled=True.
+# clvr-mini stage 4: distil the base (28 steps × CFG GUIDANCE, default 4 = 56 NFE) into a 4-step,
+# guidance-free student of the same layout (`clvr train distill`, trajectory targets), saved with
+# is_distilled=True. GUIDANCE is the teacher's CFG scale: the base's own (clvr_canvas.json) is best.
 #   W=clvr_mini_work DISTILL_STEPS=400 bash scripts/clvr_mini/stage4_distill.sh
 set -euo pipefail
 W=${W:-clvr_mini_work}
@@ -16,6 +17,6 @@ prompts = [json.loads(l)["prompt"] for l in (w / "data_t2i/data.jsonl").read_tex
 (w / "distill_prompts.txt").write_text("\n".join(prompts[:512]) + "\n")
 PY
 clvr train distill --model "$BASE" --prompts "$W/distill_prompts.txt" --out "$W/distill" $RESUME \
-  --student-steps 4 --teacher-steps 28 --guidance-scale 4.0 --num-pairs "${PAIRS_N:-256}" --batch-size 16 \
+  --student-steps 4 --teacher-steps 28 --guidance-scale "${GUIDANCE:-4.0}" --num-pairs "${PAIRS_N:-256}" --batch-size 16 \
   --max-steps "$DISTILL_STEPS" --learning-rate 3e-4 --max-sequence-length 48 --height 64 --width 64 \
   --checkpoint-every 100 --keep-checkpoints 1
