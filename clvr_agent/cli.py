@@ -87,7 +87,7 @@ def _cuda_available() -> bool:
 def _run_loop(prompt, out, backend, controller, ex_opts, ctl_opts, settings, resume, interactive, as_json, refs):
     from clvr_agent.api import create_clvr
     from clvr_agent.runs import final_state, open_checkpointer, stream_run
-    from clvr_agent.tools.registry import UnknownBackendError
+    from clvr_agent.tools.registry import MissingDependencyError, UnknownBackendError
 
     try:
         runnable = create_clvr(
@@ -95,7 +95,7 @@ def _run_loop(prompt, out, backend, controller, ex_opts, ctl_opts, settings, res
             executor_options=ex_opts, controller_options=ctl_opts,
             artifact_dir=str(out / "steps"), **settings,
         )
-    except (UnknownBackendError, FileNotFoundError, ValueError) as exc:
+    except (UnknownBackendError, MissingDependencyError, FileNotFoundError, ValueError) as exc:
         fail(str(exc).splitlines()[0])
     inputs = None if resume else {"prompt": prompt, "seed": settings["seed"],
                                   "max_iterations": settings["max_iterations"], "references": refs}

@@ -6,13 +6,14 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 err = Console(stderr=True)
 
 
 def fail(message: str) -> None:
-    """One line on stderr, exit code 2."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    """One line on stderr, exit code 2 (the message is shown verbatim: brackets are not markup)."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

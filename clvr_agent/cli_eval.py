@@ -52,7 +52,12 @@ def eval_shapeworld_cmd(
     if mode not in ("single", "loop"):
         _fail(f"--mode {mode!r}: choose single or loop")
     _out_ok(out, overwrite)
-    summary = eval_shapeworld(mode=mode, n=n, seed=seed, out_dir=out, backend=backend, max_iterations=max_iterations)
+    from clvr_agent.tools.registry import MissingDependencyError, UnknownBackendError
+
+    try:
+        summary = eval_shapeworld(mode=mode, n=n, seed=seed, out_dir=out, backend=backend, max_iterations=max_iterations)
+    except (UnknownBackendError, MissingDependencyError) as exc:
+        _fail(str(exc))
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -94,3 +94,18 @@ def test_interactive_approves_at_terminal(tmp_path):
     res = runner.invoke(app, ["generate", PROMPT, "--out", str(tmp_path / "r"), "--interactive"], input="y\ny\n")
     assert res.exit_code == 0, res.output
     assert "Approve the plan?" in res.output
+
+
+def test_backend_without_its_packages_exits_2_naming_the_extra(tmp_path, monkeypatch):
+    from clvr_agent.tools import registry
+
+    def needs_missing_package(**kw):
+        import clvr_agent_not_installed_xyz  # noqa: F401  (what a missing torch looks like)
+
+    registry.executor_names()
+    monkeypatch.setitem(registry._EXECUTORS, "needs-extra", needs_missing_package)
+    for args in (["generate", PROMPT, "--out", str(tmp_path / "a"), "--backend", "needs-extra"],
+                 ["eval", "shapeworld", "--n", "1", "--out", str(tmp_path / "e"), "--backend", "needs-extra"]):
+        res = clvr(*args)
+        assert res.exit_code == 2, res.output
+        assert "pip install 'clvr-agent[models]'" in res.output and "Traceback" not in res.output

@@ -17,6 +17,14 @@ class UnknownBackendError(ValueError):
     """The name is not a registered backend; the message lists the known ones."""
 
 
+class MissingDependencyError(ImportError):
+    """A backend's packages are not installed; the message names the pip extra that brings them."""
+
+
+# The pip extra each shipped backend's imports come from (shapeworld needs none).
+_EXTRAS = {"flux2-klein": "models", "clvr-mini": "models", "qwen3-vl": "models", "chat-model": "openai"}
+
+
 _EXECUTORS: dict[str, Callable[..., Executor]] = {}
 _CONTROLLERS: dict[str, Callable[..., Controller]] = {}
 _CACHE: dict[tuple, Any] = {}
@@ -55,7 +63,13 @@ def _get(kind: str, table: dict, name: str, options: dict):
     key = _key(kind, name, options)
     with _LOCK:
         if key not in _CACHE:
-            _CACHE[key] = table[name](**options)
+            try:
+                _CACHE[key] = table[name](**options)
+            except ModuleNotFoundError as exc:
+                extra = _EXTRAS.get(name, "models")
+                raise MissingDependencyError(
+                    f"{kind} backend {name!r} needs {exc.name!r}, which is not installed: "
+                    f"pip install 'clvr-agent[{extra}]'") from exc
             LOAD_COUNTS[f"{kind}:{name}"] = LOAD_COUNTS.get(f"{kind}:{name}", 0) + 1
         return _CACHE[key]
 
