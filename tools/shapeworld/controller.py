@@ -77,10 +77,6 @@ def steps_not_executed(history: list[Step], mode: str) -> str:
     return ""
 
 
-def edits_not_executed(history: list[Step]) -> str:
-    return steps_not_executed(history, "edit")
-
-
 # A lone object drawn into a tile fills about this fraction of its side (clvr-mini's training canvases:
 # 96-128 px objects on 256 px); the tile is chosen so that an object of that size there satisfies the op.
 TILE_FILL = 0.45
@@ -111,7 +107,9 @@ class ShapeWorldController:
     """Plans, verifies and corrects ShapeWorld prompts exactly (GenEval's rules on detections).
 
     ``redraw_fraction``: redraw from the prompt (once per run) when more than this fraction of
-    clauses fail and the repair would take at least as many ops as the prompt has clauses.
+    clauses fail and the repair would take at least as many ops as the prompt has clauses. Once an
+    edit has failed its passive check on every retry, the executor is taken not to edit: missing
+    objects are then added by region draws (``clear_tile``) and everything else is redrawn.
     """
 
     name = "shapeworld"
@@ -165,11 +163,12 @@ class ShapeWorldController:
         failing = oks.count(False)
         ops = repair_ops(line, dets)
         # A fresh draw is tried at most once: on a complex prompt it rarely lands better than an edit.
-        # Unless the passive track has shown that this executor does not carry out edits: then every
-        # further correction is a fresh draw (the loop keeps the best canvas it has seen).
+        # Unless the passive track has shown that this executor does not carry out edits: then a
+        # missing object is drawn alone into a clear tile (until a region draw fails too), and every
+        # other correction is a fresh draw (the loop keeps the best canvas it has seen).
         redrawn = any(s.instruction.startswith("redraw:") for s in history)
         mostly_wrong = failing > self.redraw_fraction * len(oks) and len(ops) >= len(line["include"])
-        stuck = edits_not_executed(history)
+        stuck = steps_not_executed(history, "edit")
         if stuck and not steps_not_executed(history, "inpaint"):
             region = self._region_add(ops, dets, canvas.size)
             if region is not None:
