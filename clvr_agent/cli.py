@@ -85,16 +85,14 @@ def _cuda_available() -> bool:
 
 
 def _run_loop(prompt, out, backend, controller, ex_opts, ctl_opts, settings, resume, interactive, as_json, refs):
-    from clvr_agent.api import create_clvr
+    from clvr_agent.api import build_context, create_clvr
     from clvr_agent.runs import final_state, open_checkpointer, stream_run
     from clvr_agent.tools.registry import MissingDependencyError, UnknownBackendError
 
-    try:
-        runnable = create_clvr(
-            backend, checkpointer=open_checkpointer(out), controller=controller,
-            executor_options=ex_opts, controller_options=ctl_opts,
-            artifact_dir=str(out / "steps"), **settings,
-        )
+    try:  # models first: a backend that cannot load leaves --out as empty as it found it
+        ctx = build_context(backend, controller=controller, executor_options=ex_opts, controller_options=ctl_opts,
+                            artifact_dir=str(out / "steps"), **settings)
+        runnable = create_clvr(checkpointer=open_checkpointer(out), context=ctx)
     except (UnknownBackendError, MissingDependencyError, FileNotFoundError, ValueError) as exc:
         fail(str(exc).splitlines()[0])
     inputs = None if resume else {"prompt": prompt, "seed": settings["seed"],

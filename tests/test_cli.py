@@ -109,3 +109,4 @@ def test_backend_without_its_packages_exits_2_naming_the_extra(tmp_path, monkeyp
         res = clvr(*args)
         assert res.exit_code == 2, res.output
         assert "pip install 'clvr-agent[models]'" in res.output and "Traceback" not in res.output
+    assert not any((tmp_path / "a").iterdir())  # empty: the same command runs once the extra is installed
