@@ -212,7 +212,8 @@ class Flux2KleinExecutor:
             finally:
                 hook.remove()
             seconds = time.perf_counter() - t0
-        if request.mode == "inpaint" and request.region_prompt:
+        region_prompt = request.region_prompt if request.mode == "inpaint" else None  # what the pipeline read
+        if region_prompt:
             image = paste_region(references[-1], image, request.region)
         if self.canvas_size and image.size != (self.canvas_size, self.canvas_size):
             image = image.resize((self.canvas_size, self.canvas_size), Image.Resampling.LANCZOS)
@@ -226,8 +227,8 @@ class Flux2KleinExecutor:
             "references": len(kwargs["image"]) if request.mode == "edit" else int(request.mode == "inpaint"),
             "height": kwargs["height"],
             "width": kwargs["width"],
-            "region_prompt": request.region_prompt if request.mode == "inpaint" else None,
-            "prompt_tokens": self.prompt_tokens(request.accumulated_prompt),
+            "region_prompt": region_prompt,
+            "prompt_tokens": self.prompt_tokens(region_prompt or request.accumulated_prompt),
             "max_sequence_length": self.max_sequence_length,
         }
         if info["prompt_tokens"] > self.max_sequence_length:
