@@ -1,12 +1,15 @@
 """One self-contained HTML page per run: prompt, plan, every step in order, and the stop reason.
 
 Images are linked by paths relative to the page, so the run folder can be moved or zipped whole.
+While a run is ``running`` the page reloads itself, so a browser left open on it follows a long run;
+it is replaced atomically, so that browser never reads half a page.
 """
 
 from __future__ import annotations
 
 import html
 import os
+import secrets
 from pathlib import Path
 
 from clvr_agent.types import ImageRef, Step, Trajectory
@@ -71,10 +74,12 @@ def _step(step: Step, base: Path) -> str:
             f'<div class="meta"><h3>{title}</h3><table>{body}</table></div></div>')
 
 
-def render_trace(trajectory: Trajectory, out_path: str | os.PathLike) -> Path:
-    """Write the trace page to ``out_path``; image links are relative to its folder."""
-    out = Path(out_path)
-    base = out.parent.resolve()
+REFRESH_SECONDS = 2  # how often a running run's page reloads itself
+
+
+def trace_html(trajectory: Trajectory, base: Path, *, refresh_s: int = REFRESH_SECONDS) -> str:
+    """The page as a string; image links are relative to ``base``. A running run's page carries a
+    meta refresh, a finished one none."""
     t = trajectory
     plan = ""
     if t.plan:
@@ -84,18 +89,38 @@ def render_trace(trajectory: Trajectory, out_path: str | os.PathLike) -> Path:
         plan = f"<h2>Plan{note}</h2><ol>{items}</ol><p>First instruction: {html.escape(t.plan.first_instruction)}</p>"
     total_nfe = sum(s.nfe for s in t.steps)
     final = f'<div class="final"><h2>Final image</h2>{_img(t.final_image, base)}</div>' if t.final_image else ""
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>CLVR trace</title>
+    running = t.status == "running"
+    refresh = f'<meta http-equiv="refresh" content="{refresh_s}">' if running else ""
+    live = f' <small class="live">(running: this page reloads every {refresh_s} s)</small>' if running else ""
+    return f"""<!doctype html><html><head><meta charset="utf-8">{refresh}<title>CLVR trace</title>
 <style>{_CSS}</style></head><body>
-<h1>CLVR trace <span class="badge {t.status}">{t.status}</span></h1>
+<h1>CLVR trace <span class="badge {t.status}">{t.status}</span>{live}</h1>
 <p class="prompt">“{html.escape(t.prompt)}”</p>
 <p>backend <code>{html.escape(t.backend)}</code> · controller <code>{html.escape(t.controller)}</code> ·
 seed {t.seed} · {t.iterations} iteration(s) · {len(t.steps)} executor call(s) · NFE {total_nfe}</p>
 <p><b>Stop reason:</b> {html.escape(t.stop_reason)}</p>
 {plan}{final}<h2>Steps</h2>{''.join(_step(s, base) for s in t.steps)}
 </body></html>"""
+
+
+def write_trace(trajectory: Trajectory, out_path: str | os.PathLike, *, refresh_s: int = REFRESH_SECONDS) -> Path:
+    """Write the trace page to ``out_path`` atomically (a temp file in the same folder, then
+    ``os.replace``), so a browser reloading it mid-run never reads a partial page."""
+    out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    page = trace_html(trajectory, out.parent.resolve(), refresh_s=refresh_s)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:  # "x": a fresh file with the umask's permissions
+            f.write(page)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
+
+
+render_trace = write_trace  # the 0.1 name, kept for callers
 
 
 def summary_text(trajectory: Trajectory) -> str:

@@ -1,0 +1,119 @@
+"""trace.html while a run is live: it reloads itself until the run ends, and is never half-written."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from clvr_agent.trace import trace_html, write_trace
+from clvr_agent.types import Trajectory
+
+CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
+                             shutil.which("google-chrome")) if p), None)
+
+
+@pytest.fixture(scope="module")
+def finished() -> Trajectory:
+    """A real ShapeWorld run's trajectory (canvases on disk)."""
+    from clvr_agent import create_clvr
+
+    out = create_clvr("shapeworld", max_iterations=4).invoke(
+        {"prompt": "a photo of two red circles left of a blue square", "seed": 3})
+    traj = Trajectory.model_validate(out["trajectory"])
+    assert traj.status != "running" and traj.steps and traj.final_image is not None
+    return traj
+
+
+def _running(traj: Trajectory) -> Trajectory:
+    """The same run as it looked after its first step."""
+    return traj.model_copy(update={"status": "running", "stop_reason": "", "steps": traj.steps[:1],
+                                   "final_image": None})
+
+
+def test_running_page_refreshes_and_finished_page_does_not(finished, tmp_path):
+    running = trace_html(_running(finished), tmp_path, refresh_s=3)
+    assert '<meta http-equiv="refresh" content="3">' in running
+    assert 'class="badge running"' in running
+    done = trace_html(finished, tmp_path)
+    assert "http-equiv" not in done and "reloads" not in done
+    assert f'class="badge {finished.status}"' in done
+
+
+def test_write_replaces_the_page_atomically(finished, tmp_path, monkeypatch):
+    page = tmp_path / "trace.html"
+    write_trace(_running(finished), page)
+    before = page.read_text()
+    assert oct(page.stat().st_mode & 0o777) != oct(0o600)  # readable like any file the run writes
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_trace(finished, page)
+    assert page.read_text() == before  # the old page is whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.html"]  # and no temp file is left
+    monkeypatch.undo()
+    write_trace(finished, page)
+    assert "http-equiv" not in page.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.html"]
+
+
+class _RunFolder(http.server.SimpleHTTPRequestHandler):
+    """Serves the run folder; the first time the browser fetches trace.html the run 'finishes'."""
+
+    requests: list[str]
+    on_first_page: callable
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        self.requests.append(self.path)
+        super().do_GET()
+        if self.path == "/trace.html" and self.requests.count("/trace.html") == 1:
+            self.on_first_page()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed")
+def test_headless_chromium_follows_a_running_page_until_it_finishes(finished, tmp_path):
+    """The browser opens the running page, reloads it, gets the finished one and stops reloading."""
+    run = tmp_path / "run"
+    steps = run / "steps"
+    steps.mkdir(parents=True)
+    moved = []
+    for s in finished.steps:  # the page links canvases relative to itself: put them in the run folder
+        if s.canvas is not None:
+            shutil.copy(s.canvas.path, steps / s.canvas.name)
+            s = s.model_copy(update={"canvas": s.canvas.model_copy(update={"path": str(steps / s.canvas.name)})})
+        moved.append(s)
+    final = finished.final_image.model_copy(update={"path": str(steps / finished.final_image.name)})
+    done = finished.model_copy(update={"steps": moved, "final_image": final})
+    write_trace(_running(done), run / "trace.html", refresh_s=1)
+
+    handler = type("Handler", (_RunFolder,), {"requests": [],
+                                              "on_first_page": lambda self: write_trace(done, run / "trace.html")})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(run)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        profile = tmp_path / "profile"
+        proc = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=6000", "--dump-dom",
+             f"http://127.0.0.1:{server.server_address[1]}/trace.html"],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+    dom = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pages = handler.requests.count("/trace.html")
+    assert pages == 2, handler.requests  # reloaded once while running, then never again
+    assert f'class="badge {done.status}"' in dom and "http-equiv" not in dom
+    assert f"Step {len(done.steps) - 1} " in dom  # the finished page, with every step
+    assert f"/steps/{done.steps[0].canvas.name}" in handler.requests  # its canvases were loaded
