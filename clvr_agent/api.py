@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Optional, Union
+import contextlib
+import threading
+import uuid
+from typing import Any, AsyncIterator, Iterator, Optional, Union
 
 from langchain_core.runnables import Runnable, RunnableBinding
 from langchain_core.tools import BaseTool, StructuredTool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from clvr_agent.state import ClvrContext, Settings
+from clvr_agent.state import ClvrContext, ClvrInput, input_error
 from clvr_agent.tools.base import Controller, Executor
-from clvr_agent.tools.registry import get_controller, get_executor
-
-# Which controller a backend pairs with when none is named. A VLM controller works with any
-# executor; the ShapeWorld controller judges anything that draws ShapeWorld scenes.
-DEFAULT_CONTROLLER = {"shapeworld": "shapeworld", "clvr-mini": "shapeworld", "flux2-klein": "qwen3-vl"}
+from clvr_agent.tools.registry import controller_names, executor_names
 
 
-def _resolve_controller(controller: Any, backend: str, options: dict) -> Controller:
-    if controller is None:
-        controller = DEFAULT_CONTROLLER.get(backend, "shapeworld")
-    if isinstance(controller, str):
-        return get_controller(controller, **options)
-    try:
-        from langchain_core.language_models import BaseChatModel
-    except ImportError:  # pragma: no cover - langchain-core is a hard dependency
-        BaseChatModel = ()
+def _live_controller(controller: Any, options: dict) -> Optional[Controller]:
+    """A controller object for the context: a Controller as is, a LangChain chat model wrapped."""
+    from langchain_core.language_models import BaseChatModel
+
     if isinstance(controller, BaseChatModel):
         from clvr_agent.tools.chat_controller import ChatModelController
 
@@ -36,7 +29,7 @@ def _resolve_controller(controller: Any, backend: str, options: dict) -> Control
     raise ValueError(f"controller must be a backend name, a Controller or a LangChain chat model, got {type(controller).__name__}")
 
 
-def build_context(
+def make_context(
     backend: Union[str, Executor] = "shapeworld",
     *,
     controller: Any = None,
@@ -44,15 +37,37 @@ def build_context(
     controller_options: Optional[dict] = None,
     **settings: Any,
 ) -> ClvrContext:
-    """Resolve backends (each loaded once per process) and validate settings."""
-    cfg = Settings(**settings)
+    """A validated context; backend names are checked, nothing is loaded yet."""
+    data: dict = dict(executor_options=executor_options or {}, controller_options=controller_options or {})
     if isinstance(backend, str):
-        executor = get_executor(backend, **(executor_options or {}))
-        name = backend
+        if backend not in executor_names():
+            from clvr_agent.tools.registry import UnknownBackendError
+
+            raise UnknownBackendError(f"unknown executor backend {backend!r}; known: {', '.join(executor_names())}")
+        data["backend"] = backend
     else:
-        executor, name = backend, getattr(backend, "name", "custom")
-    ctl = _resolve_controller(controller, name, controller_options or {})
-    return ClvrContext(executor=executor, controller=ctl, settings=cfg)
+        data.update(backend=getattr(backend, "name", "custom"), executor=backend)
+    if isinstance(controller, str):
+        if controller not in controller_names():
+            from clvr_agent.tools.registry import UnknownBackendError
+
+            raise UnknownBackendError(f"unknown controller backend {controller!r}; known: {', '.join(controller_names())}")
+        data["controller"] = controller
+    elif controller is not None:
+        data["controller"] = _live_controller(controller, controller_options or {})
+    try:
+        return ClvrContext(**data, **settings)
+    except ValidationError as exc:
+        raise ValueError(f"invalid setting {input_error(exc)}") from None
+
+
+def build_context(backend: Union[str, Executor] = "shapeworld", **kw: Any) -> ClvrContext:
+    """:func:`make_context`, then load both models now (each once per process), so a backend
+    that cannot load fails here rather than in the first run."""
+    ctx = make_context(backend, **kw)
+    ctx.get_executor()
+    ctx.get_controller()
+    return ctx
 
 
 def create_clvr(
@@ -62,47 +77,113 @@ def create_clvr(
     controller: Any = None,
     executor_options: Optional[dict] = None,
     controller_options: Optional[dict] = None,
-    context: Optional[ClvrContext] = None,
+    context: Union[ClvrContext, dict, None] = None,
     **settings: Any,
-) -> Runnable:
-    """The compiled CLVR graph with its models bound, as a LangChain Runnable.
+) -> "ClvrRunnable":
+    """The compiled CLVR graph with its configuration bound, as a LangChain Runnable.
 
     ``invoke({"prompt": ...})`` returns ``status``, ``final_image``, ``iterations`` and ``trajectory``.
     ``stream`` supports the ``updates``, ``values`` and ``custom`` modes; ``batch``, ``ainvoke`` and
     ``astream`` work as on any Runnable. Settings are the fields of :class:`~clvr_agent.state.Settings`.
+    Models load on the first run (once per process); every run gets its own cancel flag.
     """
     from clvr_agent.graphs.graph import build_graph
 
-    ctx = context or build_context(
-        backend, controller=controller, executor_options=executor_options,
-        controller_options=controller_options, **settings,
-    )
-    graph = build_graph(interactive=ctx.settings.interactive).compile(checkpointer=checkpointer, name="clvr")
+    if isinstance(context, dict):
+        context = make_context(**context)
+    ctx = context or make_context(backend, controller=controller, executor_options=executor_options,
+                                  controller_options=controller_options, **settings)
+    graph = build_graph(interactive=ctx.interactive).compile(checkpointer=checkpointer, name="clvr")
     return ClvrRunnable(bound=graph, kwargs={"context": ctx}, clvr_context=ctx)
 
 
+def check_input(inputs: Any) -> Any:
+    """Validate a run's input before any model runs; ``None`` and ``Command`` (resume) pass through."""
+    if isinstance(inputs, dict):
+        try:
+            ClvrInput.model_validate(inputs)
+        except ValidationError as exc:
+            raise ValueError(input_error(exc)) from None
+    return inputs
+
+
 class ClvrRunnable(RunnableBinding):
-    """The compiled graph with its context bound to every call (invoke, stream, batch, async, resume)."""
+    """The compiled graph with its context bound to every call (invoke, stream, batch, async, resume).
+
+    Each call runs with its own copy of the context (:meth:`ClvrContext.for_run`), registered under
+    the call's ``run_id`` (from ``config["run_id"]``, else a new one) so :meth:`cancel` can stop
+    one run of a shared runnable and leave the others, and later runs, untouched.
+    """
 
     clvr_context: Any = None
+    # run_id -> that run's context; fields, not private attributes (RunnableBinding forwards unknown
+    # attribute reads to the bound graph)
+    run_contexts: dict = Field(default_factory=dict, exclude=True)
+    run_lock: Any = Field(default_factory=threading.Lock, exclude=True)
 
     @property
     def graph(self):
         """The compiled LangGraph graph: ``get_state``, ``update_state``, ``get_graph`` for durable runs."""
         return self.bound
 
-    def get_state(self, config, **kw):
-        return self.bound.get_state(config, **kw)
+    @contextlib.contextmanager
+    def _run(self, config: Any):
+        config = self._merge_configs(config)
+        run_id = str(config.setdefault("run_id", uuid.uuid4()))
+        run = self.clvr_context.for_run()
+        with self.run_lock:
+            self.run_contexts[run_id] = run
+        try:
+            yield config, run
+        finally:
+            with self.run_lock:
+                self.run_contexts.pop(run_id, None)
 
-    def cancel(self) -> None:
-        """Ask the running executor to stop after its current denoising step."""
-        self.clvr_context.cancel.set()
+    def invoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        check_input(input)
+        with self._run(config) as (cfg, run):
+            return self.bound.invoke(input, cfg, **{**kwargs, "context": run})
 
+    async def ainvoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        check_input(input)
+        with self._run(config) as (cfg, run):
+            return await self.bound.ainvoke(input, cfg, **{**kwargs, "context": run})
 
-@functools.lru_cache(maxsize=1)
-def default_context() -> ClvrContext:
-    """The embedded backend, for runs that arrive without a context (LangGraph Studio); one per process."""
-    return build_context("shapeworld")
+    def stream(self, input: Any, config: Any = None, **kwargs: Any) -> Iterator[Any]:
+        check_input(input)
+        with self._run(config) as (cfg, run):
+            yield from self.bound.stream(input, cfg, **{**kwargs, "context": run})
+
+    async def astream(self, input: Any, config: Any = None, **kwargs: Any) -> AsyncIterator[Any]:
+        check_input(input)
+        with self._run(config) as (cfg, run):
+            async for chunk in self.bound.astream(input, cfg, **{**kwargs, "context": run}):
+                yield chunk
+
+    def batch(self, inputs: list, config: Any = None, **kwargs: Any) -> list:
+        for item in inputs:
+            check_input(item)
+        return Runnable.batch(self, inputs, config, **kwargs)  # one invoke (one run) per input
+
+    async def abatch(self, inputs: list, config: Any = None, **kwargs: Any) -> list:
+        for item in inputs:
+            check_input(item)
+        return await Runnable.abatch(self, inputs, config, **kwargs)
+
+    def active_runs(self) -> list[str]:
+        """The run ids of this runnable's runs in progress."""
+        with self.run_lock:
+            return list(self.run_contexts)
+
+    def cancel(self, run_id: Any = None) -> int:
+        """Stop one run (by its ``run_id``) after its executor's current denoising step; with no
+        id, every run of this runnable in progress. Returns how many runs were asked to stop."""
+        with self.run_lock:
+            runs = list(self.run_contexts.values()) if run_id is None else [self.run_contexts.get(str(run_id))]
+        runs = [r for r in runs if r is not None]
+        for run in runs:
+            run.cancel()
+        return len(runs)
 
 
 class ClvrToolInput(BaseModel):

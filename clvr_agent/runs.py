@@ -84,7 +84,7 @@ def stream_run(
 
     cfg = {"configurable": {"thread_id": THREAD_ID}}
     ctx = runnable.clvr_context
-    names = dict(backend=getattr(ctx.executor, "name", ""), controller=getattr(ctx.controller, "name", ""))
+    names = dict(backend=getattr(ctx.get_executor(), "name", ""), controller=getattr(ctx.get_controller(), "name", ""))
     try:
         payload: Any = inputs
         while True:

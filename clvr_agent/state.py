@@ -7,14 +7,25 @@ cancellation flag live in :class:`ClvrContext`, which LangGraph passes to nodes 
 
 from __future__ import annotations
 
+import operator
+import os
 import threading
-from dataclasses import dataclass, field
 from typing import Annotated, Any, Optional, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from clvr_agent.store import ArtifactStore
-from clvr_agent.types import Correction, ImageRef, Plan, Status, Step
+from clvr_agent.types import Correction, ImageRef, ModelCall, Plan, Status, Step
 
 
 class Settings(BaseModel):
@@ -26,9 +37,11 @@ class Settings(BaseModel):
     reference_window: int = Field(3, ge=0, le=8, description="How many recent canvases the executor sees (K).")
     passive_retries: int = Field(2, ge=0, le=8, description="Re-draws of a step whose instruction did not execute.")
     executor_retries: int = Field(1, ge=0, le=8, description="Retries of an executor call that raised.")
+    controller_retries: int = Field(
+        2, ge=0, le=8, description="Retries of a controller call that raised (network or model errors).")
     patience: int = Field(3, ge=1, le=64, description="Stop as no_progress after this many rounds without a better score.")
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt accepted.")
-    seed: int = Field(0, description="Default seed when the input gives none.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Default seed when the input gives none.")
     steps: Optional[int] = Field(None, ge=1, le=1000, description="Denoising steps; None = the executor's default.")
     guidance: Optional[float] = Field(None, ge=0.0, description="Guidance scale; None = the executor's default.")
     height: Optional[int] = Field(None, ge=16, le=4096)
@@ -74,11 +87,81 @@ def upsert_steps(old: list[Step], new: list[Step]) -> list[Step]:
     return [merged[i] for i in sorted(merged)]
 
 
-class ClvrInput(TypedDict, total=False):
-    prompt: str
-    seed: int
-    max_iterations: int
-    references: list[str]  # paths of starting images the first step edits instead of drawing afresh
+MAX_SEED = 2**63  # seeds are checkpointed as msgpack integers: 0 <= seed < 2**63
+MAX_REFERENCE_PIXELS = 4096 * 4096
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not a boolean")
+    return value
+
+
+def _seed_range(value: int) -> int:
+    if not 0 <= value < MAX_SEED:
+        raise ValueError("must be an integer with 0 <= seed < 2**63")
+    return value
+
+
+def _check_reference(path: Any) -> str:
+    """A starting image: an existing, readable file within the pixel budget (header only, no decode)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"must be an image path, got {type(path).__name__}")
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        raise ValueError(f"reference image not found: {p}")
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"reference image is not a readable image: {p} ({type(exc).__name__})") from None
+    if w * h > MAX_REFERENCE_PIXELS:
+        raise ValueError(f"{p} is {w}x{h}; at most {MAX_REFERENCE_PIXELS} pixels (4096x4096) are accepted")
+    return p
+
+
+def _reference_list(value: Any) -> Any:
+    if isinstance(value, (str, bytes, os.PathLike)):
+        raise ValueError("must be a list of image paths, not a single string")
+    return value
+
+
+class ClvrInput(BaseModel):
+    """One run's input, validated before any model runs (the graph's ``input_schema``).
+
+    ``seed`` and ``max_iterations`` may be omitted or null: the context's defaults apply.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=2000, description="What the image must show.")
+    seed: Optional[Annotated[int, BeforeValidator(_not_bool), AfterValidator(_seed_range)]] = Field(
+        None, description="Run seed (0 <= seed < 2**63); null = the context's seed.")
+    max_iterations: Optional[Annotated[int, BeforeValidator(_not_bool), Field(ge=1, le=64)]] = Field(
+        None, description="Loop budget for this run (1-64); null = the context's max_iterations.")
+    references: Annotated[list[Annotated[str, BeforeValidator(_check_reference)]],
+                          BeforeValidator(_reference_list)] = Field(
+        default_factory=list, max_length=8,
+        description="Paths of starting images (each at most 4096x4096) that the first step edits.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is empty")
+        return value
+
+
+def input_error(exc: ValidationError) -> str:
+    """One line naming the first bad field and what is allowed (for the CLI, the API and the tool)."""
+    first = exc.errors()[0]
+    field_name = ".".join(str(p) for p in first["loc"]) or "input"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r:.60})"
+    return f"{field_name}: {msg}{shown}"
 
 
 class ClvrOutput(TypedDict, total=False):
@@ -97,6 +180,7 @@ class ClvrState(TypedDict, total=False):
     init_references: list[ImageRef]
     plan: Optional[Plan]
     steps: Annotated[list[Step], upsert_steps]
+    model_calls: Annotated[list[ModelCall], operator.add]  # per run, one record per model call
     pending: Optional[Correction]
     iteration: int
     attempt: int
@@ -107,21 +191,92 @@ class ClvrState(TypedDict, total=False):
     trajectory: dict
 
 
-@dataclass
-class ClvrContext:
-    """What a run needs besides its state: the models, the store, settings and a cancel flag."""
+class ClvrContext(Settings):
+    """What LangGraph passes to every node: plain, serializable run configuration.
 
-    executor: Any
-    controller: Any
-    settings: Settings = field(default_factory=Settings)
-    store: Optional[ArtifactStore] = None
-    cancel: threading.Event = field(default_factory=threading.Event)
-    # Seconds spent inside model calls, per run; the overhead bench reads it.
-    model_seconds: list = field(default_factory=list)
+    Every field has a default, so ``context={}`` (or a LangGraph assistant's stored context) means
+    the embedded ShapeWorld backend with the default settings. Models are looked up from the
+    per-process registry, keyed by ``backend``/``controller`` and their options, so a second run
+    loads nothing. Python callers may hand in live objects instead (``executor=``, ``controller=``
+    with an object, ``store=``); those ride along as private attributes, never in the schema.
+    ``settings=Settings(...)`` is accepted and flattened, for callers of the 0.1 API.
 
-    def __post_init__(self) -> None:
-        if self.store is None:
+    The per-run cancel flag is private too: :meth:`for_run` gives each run its own copy.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str = Field("shapeworld", description="Executor backend name (shapeworld, clvr-mini, flux2-klein).")
+    controller: Optional[str] = Field(
+        None, description="Controller backend name (shapeworld, qwen3-vl, chat-model); None = the backend's default.")
+    executor_options: dict[str, Any] = Field(
+        default_factory=dict, description="Executor options: model (hub id or folder), torch_dtype, device, offload.")
+    controller_options: dict[str, Any] = Field(
+        default_factory=dict, description="Controller options: vlm, torch_dtype, device, base_url, model_name.")
+
+    _executor: Any = PrivateAttr(None)
+    _controller: Any = PrivateAttr(None)
+    _store: Optional[ArtifactStore] = PrivateAttr(None)
+    _cancel: threading.Event = PrivateAttr(default_factory=threading.Event)
+
+    def __init__(self, **data: Any) -> None:
+        executor = data.pop("executor", None)
+        controller = data.get("controller")
+        if controller is not None and not isinstance(controller, str):
+            data.pop("controller")
+        else:
+            controller = None
+        store = data.pop("store", None)
+        settings = data.pop("settings", None)
+        if settings is not None:
+            given = settings.model_dump(exclude_unset=True) if isinstance(settings, Settings) else dict(settings)
+            data = {**given, **data}
+        super().__init__(**data)
+        self._executor, self._controller, self._store = executor, controller, store
+
+    @property
+    def settings(self) -> Settings:
+        """The run settings alone (the fields this context shares with :class:`Settings`)."""
+        return Settings(**{k: getattr(self, k) for k in Settings.model_fields})
+
+    def get_executor(self):
+        """The live executor: the one handed in, else the registry's (built once per process)."""
+        if self._executor is None:
+            from clvr_agent.tools.registry import get_executor
+
+            self._executor = get_executor(self.backend, **self.executor_options)
+        return self._executor
+
+    def get_controller(self):
+        """The live controller: the one handed in, else the registry's for ``controller`` (or the
+        backend's default pairing)."""
+        if self._controller is None:
+            from clvr_agent.tools.registry import default_controller, get_controller
+
+            name = self.controller or default_controller(self.backend)
+            self._controller = get_controller(name, **self.controller_options)
+        return self._controller
+
+    @property
+    def store(self) -> ArtifactStore:
+        if self._store is None:
             import tempfile
 
-            root = self.settings.artifact_dir or tempfile.mkdtemp(prefix="clvr-")
-            self.store = ArtifactStore(root)
+            self._store = ArtifactStore(self.artifact_dir or tempfile.mkdtemp(prefix="clvr-"))
+        return self._store
+
+    def for_run(self) -> "ClvrContext":
+        """A copy for one run: same configuration, models and store, its own cancel flag."""
+        run = self.model_copy()
+        self.store  # resolve once, so every run of a runnable writes to the same folder
+        run._executor, run._controller, run._store = self._executor, self._controller, self._store
+        run._cancel = threading.Event()
+        return run
+
+    def cancel(self) -> None:
+        """Ask this run's executor to stop after its current denoising step."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()

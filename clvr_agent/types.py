@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-TRAJECTORY_SCHEMA_VERSION = "1.0"
+TRAJECTORY_SCHEMA_VERSION = "1.1"  # 1.1 adds model_calls; 1.0 records still load
 
 Status = Literal["running", "satisfied", "budget_exhausted", "no_progress", "failed"]
 StepMode = Literal["generate", "edit", "inpaint"]
@@ -142,6 +142,17 @@ class Step(_Record):
     error: Optional[str] = None
 
 
+class ModelCall(_Record):
+    """One call into a model (executor or controller) and how long it took: the run's timings."""
+
+    node: str
+    model: Literal["executor", "controller"]
+    method: str
+    seconds: float
+    step: Optional[int] = None
+    ok: bool = True
+
+
 class Trajectory(_Record):
     """The whole interleaved record of one run (``trajectory.json``)."""
 
@@ -156,6 +167,7 @@ class Trajectory(_Record):
     stop_reason: str = ""
     final_image: Optional[ImageRef] = None
     iterations: int = 0
+    model_calls: list[ModelCall] = Field(default_factory=list, description="Every model call of the run, in order.")
 
 
 def trajectory_json_schema() -> dict:

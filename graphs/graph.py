@@ -1,40 +1,34 @@
 """The CLVR loop as a LangGraph ``StateGraph``: plan -> generate -> verify -> (correct -> generate)* -> stop.
 
-Nodes are small functions of ``(state, runtime)`` returning partial updates. Models come from
-``runtime.context`` (a :class:`~clvr_agent.state.ClvrContext`); the graph imports no concrete model.
+Nodes are small functions of ``(state, runtime)`` returning partial updates. ``runtime.context`` is
+a :class:`~clvr_agent.state.ClvrContext`: plain configuration that resolves its models through the
+per-process registry (or carries objects a Python caller handed in); the graph imports no concrete model.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
-from langgraph.config import get_stream_writer
+from langchain_core.runnables import RunnableLambda
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
+from PIL import Image
 
 from clvr_agent.state import ClvrContext, ClvrInput, ClvrOutput, ClvrState, validate_prompt
 from clvr_agent.store import load_reference_image
-from clvr_agent.tools.base import Cancelled, ControllerOutputError
-from clvr_agent.types import Constraint, Correction, ExecutorRequest, Plan, Step, Trajectory
+from clvr_agent.tools.base import Cancelled, ControllerOutputError, GenerationOutput
+from clvr_agent.types import Constraint, Correction, ExecutorRequest, ModelCall, Plan, Step, Trajectory
 
 # ---------------------------------------------------------------- helpers
 
 
 def _ctx(runtime: Runtime) -> ClvrContext:
+    """The run's configuration; a graph invoked with no context at all runs the schema's defaults."""
     if runtime.context is None:
-        from clvr_agent.api import default_context  # Studio / langgraph dev pass no context
-
-        return default_context()
+        return ClvrContext()
     return runtime.context
-
-
-def _emit(event: dict) -> None:
-    try:
-        get_stream_writer()(event)
-    except RuntimeError:  # called outside a runnable context (direct node tests)
-        pass
 
 
 def step_seed(seed: int, index: int) -> int:
@@ -65,14 +59,80 @@ def stop_decision(state: ClvrState, ctx: ClvrContext) -> Optional[tuple[str, str
         return None
     if last.verdict.satisfied:
         return "satisfied", f"all constraints met at iteration {state['iteration']}"
-    max_it = state.get("max_iterations") or ctx.settings.max_iterations
+    max_it = state.get("max_iterations") or ctx.max_iterations
     if state["iteration"] >= max_it:
         return "budget_exhausted", f"{max_it} iterations used"
-    patience = ctx.settings.patience
+    patience = ctx.patience
     scores = [s.verdict.score for s in accepted_canvases(steps) if s.verdict is not None]
     if len(scores) > patience and max(scores[-patience:]) <= max(scores[:-patience]):
         return "no_progress", f"no better score in the last {patience} iterations"
     return None
+
+
+class ModelCalls:
+    """Runs model calls as named child runs and records each one once (``state.model_calls``).
+
+    Every call goes through a ``RunnableLambda`` named ``executor.generate``, ``controller.verify``
+    and so on, inside the node's run, so LangChain callbacks and LangSmith show the loop as it ran,
+    with the run's prompt, seed, backends, iteration and step as metadata.
+    """
+
+    def __init__(self, node: str, state: ClvrState, ctx: ClvrContext, step: Optional[int] = None):
+        self.node, self.step, self.records = node, step, []
+        self.meta = {"clvr_prompt": state.get("prompt", ""), "clvr_seed": state.get("seed"),
+                     "clvr_iteration": state.get("iteration", 0), "clvr_node": node,
+                     "clvr_backend": ctx.backend, "clvr_controller": ctx.controller or "default"}
+
+    def __call__(self, model: str, method: str, fn: Callable, *args: Any, trace_input: Any = None) -> Any:
+        result: dict = {}
+
+        def call(_: Any) -> Any:
+            result["value"] = fn(*args)
+            return _summary(result["value"])
+
+        t0 = time.perf_counter()
+        ok = False
+        try:
+            RunnableLambda(call, name=f"{model}.{method}").invoke(
+                trace_input or {}, {"metadata": {**self.meta, "clvr_step": self.step},
+                                    "tags": ["clvr", f"clvr:{model}"]})
+            ok = True
+            return result["value"]
+        finally:
+            self.records.append(ModelCall(node=self.node, model=model, method=method, step=self.step,
+                                          seconds=time.perf_counter() - t0, ok=ok))
+
+
+def _summary(value: Any) -> Any:
+    """What a trace shows as a model call's output: records as JSON, an image as its size and NFE."""
+    if isinstance(value, GenerationOutput):
+        size = getattr(value.image, "size", None)
+        return {"nfe": value.nfe, "image_size": list(size) if size else None, "seconds": value.seconds}
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    return value
+
+
+def _controller_call(calls: ModelCalls, ctx: ClvrContext, method: str, *args: Any) -> Any:
+    """A controller call with retries for anything but an unusable reply (network errors included).
+
+    ``ControllerOutputError`` (the model answered, but not validly) is not retried here: the
+    controller already fed the error back to the model. Any other exception is retried
+    ``controller_retries`` times, then raised as ``ControllerCallError``.
+    """
+    controller = ctx.get_controller()
+    for attempt in range(ctx.controller_retries + 1):
+        try:
+            return calls("controller", method, getattr(controller, method), *args)
+        except (ControllerOutputError, Cancelled):
+            raise
+        except Exception as exc:  # an API/network/model failure: retried, then reported, never swallowed
+            if attempt == ctx.controller_retries:
+                raise ControllerCallError(f"{type(exc).__name__}: {exc}") from exc
+
+
+class ControllerCallError(RuntimeError):
+    """A controller call raised on every attempt."""
 
 
 # ---------------------------------------------------------------- nodes
@@ -80,32 +140,26 @@ def stop_decision(state: ClvrState, ctx: ClvrContext) -> Optional[tuple[str, str
 
 def plan_prompt(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
     ctx = _ctx(runtime)
-    prompt = validate_prompt(state.get("prompt"), ctx.settings.max_prompt_chars)
-    init_refs = [ctx.store.put(load_reference_image(p)) for p in state.get("references", [])]
-    _emit({"event": "node_start", "node": "plan"})
+    prompt = validate_prompt(state.get("prompt"), ctx.max_prompt_chars)
+    seed = ctx.seed if state.get("seed") is None else state["seed"]
+    init_refs = [ctx.store.put(load_reference_image(p)) for p in state.get("references") or []]
+    run = {"prompt": prompt, "seed": seed, "iteration": 1, "attempt": 0, "status": "running",
+           "max_iterations": state.get("max_iterations") or ctx.max_iterations, "init_references": init_refs}
+    runtime.stream_writer({"event": "node_start", "node": "plan"})
+    calls = ModelCalls("plan", {**state, **run}, ctx)
     try:
-        plan = ctx.controller.plan(prompt)
+        plan = _controller_call(calls, ctx, "plan", prompt)
     except ControllerOutputError as exc:
-        # A broken controller degrades the loop to single-step generation, never to nothing.
-        plan = Plan(
-            constraints=[Constraint(id="c0", text=prompt, kind="other")],
-            first_instruction=prompt,
-            reasoning=f"controller failed to plan: {exc}",
-            fallback=True,
-        )
-    _emit({"event": "node_end", "node": "plan", "constraints": len(plan.constraints)})
-    return {
-        "prompt": prompt,
-        "seed": state.get("seed", ctx.settings.seed),
-        "max_iterations": state.get("max_iterations") or ctx.settings.max_iterations,
-        "plan": plan,
-        "init_references": init_refs,
-        "pending": Correction(instruction=plan.first_instruction, mode="edit" if init_refs else "regenerate",
-                              reasoning=plan.reasoning),
-        "iteration": 1,
-        "attempt": 0,
-        "status": "running",
-    }
+        # A controller that answers badly degrades the loop to single-step generation, never to nothing.
+        plan = Plan(constraints=[Constraint(id="c0", text=prompt, kind="other")], first_instruction=prompt,
+                    reasoning=f"controller failed to plan: {exc}", fallback=True)
+    except ControllerCallError as exc:
+        return {**run, "model_calls": calls.records, "status": "failed",
+                "stop_reason": f"controller failed to plan: {exc}"}
+    runtime.stream_writer({"event": "node_end", "node": "plan", "constraints": len(plan.constraints)})
+    pending = Correction(instruction=plan.first_instruction, mode="edit" if init_refs else "regenerate",
+                         reasoning=plan.reasoning)
+    return {**run, "plan": plan, "pending": pending, "model_calls": calls.records}
 
 
 def review_plan(state: ClvrState) -> dict:
@@ -124,98 +178,105 @@ def build_request(state: ClvrState, ctx: ClvrContext) -> ExecutorRequest:
     history = accepted_canvases(steps)
     canvases = list(state.get("init_references", [])) + [s.canvas for s in history]
     mode = "generate" if pending.mode == "regenerate" or not canvases else pending.mode
-    k = ctx.settings.reference_window
+    k = ctx.reference_window
     refs = canvases[-k:] if mode != "generate" and k else []
     instructions = [s.instruction for s in history] + [pending.instruction]
     accumulated = "\n".join([state["prompt"], *[i for i in instructions if i != state["prompt"]]])
-    s = ctx.settings
     return ExecutorRequest(
         mode=mode, instruction=pending.instruction, accumulated_prompt=accumulated,
-        references=refs, seed=step_seed(state["seed"], len(steps)), steps=s.steps,
-        guidance=s.guidance, height=s.height, width=s.width, region=pending.region,
+        references=refs, seed=step_seed(state["seed"], len(steps)), steps=ctx.steps,
+        guidance=ctx.guidance, height=ctx.height, width=ctx.width, region=pending.region,
         region_prompt=pending.region_prompt,
     )
+
+
+def _draw(calls: ModelCalls, ctx: ClvrContext, request: ExecutorRequest, progress: Callable) -> tuple:
+    """(output, None) from the first executor attempt that succeeds, else (None, error text)."""
+    refs = [r.open() for r in request.references]
+    executor = ctx.get_executor()
+    error = None
+    for _ in range(ctx.executor_retries + 1):
+        try:
+            out = calls("executor", "generate", executor.generate, request, refs, progress,
+                        trace_input={"mode": request.mode, "instruction": request.instruction,
+                                     "seed": request.seed, "references": len(refs)})
+        except Cancelled:
+            return None, "cancelled"
+        except Exception as exc:  # recorded on the step; the next attempt may succeed (a transient OOM)
+            error = f"{type(exc).__name__}: {exc}"
+            continue
+        if not isinstance(out, GenerationOutput) or not isinstance(out.image, Image.Image):
+            return None, f"executor returned {type(out).__name__}, not a GenerationOutput with a PIL image"
+        return out, None
+    return None, error
 
 
 def generate_canvas(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
     ctx = _ctx(runtime)
     request = build_request(state, ctx)
     index, pending = len(state.get("steps", [])), state["pending"]
-    _emit({"event": "node_start", "node": "generate", "step": index, "mode": request.mode})
+    runtime.stream_writer({"event": "node_start", "node": "generate", "step": index, "mode": request.mode})
 
     def progress(i: int, total: int) -> bool:
-        _emit({"event": "denoise", "step": index, "i": i, "of": total})
-        return ctx.cancel.is_set()
+        runtime.stream_writer({"event": "denoise", "step": index, "i": i, "of": total})
+        return ctx.cancelled
 
     step = Step(index=index, iteration=state["iteration"], attempt=state.get("attempt", 0),
                 instruction=pending.instruction, reasoning=pending.reasoning, request=request)
-    refs = [r.open() for r in request.references]
-    error = None
-    for _ in range(ctx.settings.executor_retries + 1):
-        t0 = time.perf_counter()
-        try:
-            out = ctx.executor.generate(request, refs, progress)
-            break
-        except Cancelled:
-            error = "cancelled"
-            break
-        except Exception as exc:  # the executor's failure is recorded, then the run stops cleanly
-            error = f"{type(exc).__name__}: {exc}"
-        finally:
-            ctx.model_seconds.append(time.perf_counter() - t0)
+    calls = ModelCalls("generate", state, ctx, step=index)
+    out, error = _draw(calls, ctx, request, progress)
     if error is not None:
         step = step.model_copy(update={"error": error, "accepted": False})
-        return {"steps": [step], "status": "failed", "stop_reason": f"executor failed: {error}"}
+        return {"steps": [step], "status": "failed", "stop_reason": f"executor failed: {error}",
+                "model_calls": calls.records}
     t1 = time.perf_counter()
     canvas = ctx.store.put(out.image)
     step = step.model_copy(update={"canvas": canvas, "nfe": out.nfe, "timings": {
-        "generate_s": out.seconds or ctx.model_seconds[-1], "store_s": time.perf_counter() - t1}})
-    _emit({"event": "node_end", "node": "generate", "step": index, "nfe": out.nfe})
-    return {"steps": [step]}
+        "generate_s": out.seconds or calls.records[-1].seconds, "store_s": time.perf_counter() - t1}})
+    runtime.stream_writer({"event": "node_end", "node": "generate", "step": index, "nfe": out.nfe})
+    return {"steps": [step], "model_calls": calls.records}
 
 
 def verify_canvas(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
     ctx = _ctx(runtime)
     steps = state["steps"]
     step, attempt = steps[-1], state.get("attempt", 0)
-    _emit({"event": "node_start", "node": "verify", "step": step.index})
+    runtime.stream_writer({"event": "node_start", "node": "verify", "step": step.index})
     prior = accepted_canvases(steps[:-1])
     before = step.request.references[-1].open() if step.request.mode != "generate" and step.request.references else None
     after = step.canvas.open()
+    calls = ModelCalls("verify", state, ctx, step=step.index)
     t0 = time.perf_counter()
     try:
-        passive = ctx.controller.check_step(step.instruction, before, after)
-        if not passive.executed and attempt < ctx.settings.passive_retries:
-            ctx.model_seconds.append(time.perf_counter() - t0)
+        passive = _controller_call(calls, ctx, "check_step", step.instruction, before, after)
+        if not passive.executed and attempt < ctx.passive_retries:
             rejected = step.model_copy(update={"passive": passive, "accepted": False})
-            return {"steps": [rejected], "attempt": attempt + 1}
-        verdict = ctx.controller.verify(state["prompt"], state["plan"], after, prior)
-    except ControllerOutputError as exc:
+            return {"steps": [rejected], "attempt": attempt + 1, "model_calls": calls.records}
+        verdict = _controller_call(calls, ctx, "verify", state["prompt"], state["plan"], after, prior)
+    except (ControllerOutputError, ControllerCallError) as exc:
         return {"status": "failed", "stop_reason": f"controller could not verify: {exc}",
-                "steps": [step.model_copy(update={"error": str(exc)})]}
-    finally:
-        ctx.model_seconds.append(time.perf_counter() - t0)
+                "steps": [step.model_copy(update={"error": str(exc)})], "model_calls": calls.records}
     timings = {**step.timings, "verify_s": time.perf_counter() - t0}
     step = step.model_copy(update={"passive": passive, "verdict": verdict, "timings": timings})
-    _emit({"event": "iteration", "iteration": state["iteration"], "score": verdict.score,
+    runtime.stream_writer({"event": "iteration", "iteration": state["iteration"], "score": verdict.score,
            "satisfied": verdict.satisfied, "unmet": [c.id for c in verdict.unmet()]})
-    return {"steps": [step], "attempt": 0}
+    return {"steps": [step], "attempt": 0, "model_calls": calls.records}
 
 
 def correct_canvas(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
     ctx = _ctx(runtime)
     steps = state["steps"]
     last = accepted_canvases(steps)[-1]
-    _emit({"event": "node_start", "node": "correct", "iteration": state["iteration"]})
-    t0 = time.perf_counter()
+    runtime.stream_writer({"event": "node_start", "node": "correct", "iteration": state["iteration"]})
+    calls = ModelCalls("correct", state, ctx, step=last.index)
     try:
-        correction = ctx.controller.correct(state["prompt"], state["plan"], last.verdict, last.canvas.open(), steps)
-    except ControllerOutputError as exc:
-        return {"status": "failed", "stop_reason": f"controller could not correct: {exc}"}
-    finally:
-        ctx.model_seconds.append(time.perf_counter() - t0)
-    _emit({"event": "node_end", "node": "correct", "instruction": correction.instruction, "mode": correction.mode})
-    return {"pending": correction, "iteration": state["iteration"] + 1, "attempt": 0}
+        correction = _controller_call(calls, ctx, "correct", state["prompt"], state["plan"], last.verdict,
+                                      last.canvas.open(), steps)
+    except (ControllerOutputError, ControllerCallError) as exc:
+        return {"status": "failed", "stop_reason": f"controller could not correct: {exc}",
+                "model_calls": calls.records}
+    runtime.stream_writer({"event": "node_end", "node": "correct", "instruction": correction.instruction, "mode": correction.mode})
+    return {"pending": correction, "iteration": state["iteration"] + 1, "attempt": 0, "model_calls": calls.records}
 
 
 def review_stop(state: ClvrState) -> dict:
@@ -226,23 +287,34 @@ def review_stop(state: ClvrState) -> dict:
 
 def stop_run(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
     ctx = _ctx(runtime)
-    decision = stop_decision(state, ctx) or ("failed", "stopped without a verdict")
-    status, reason = decision
+    status, reason = stop_decision(state, ctx) or ("failed", "stopped without a verdict")
     steps = state.get("steps", [])
     best = best_step(steps)
     final = best.canvas if best else None
     trajectory = Trajectory(
-        prompt=state.get("prompt", ""), seed=state.get("seed", ctx.settings.seed),
-        backend=getattr(ctx.executor, "name", ""), controller=getattr(ctx.controller, "name", ""),
+        prompt=state.get("prompt", ""), seed=state.get("seed", ctx.seed),
+        backend=_name(ctx.get_executor), controller=_name(ctx.get_controller),
         plan=state.get("plan"), steps=steps, status=status, stop_reason=reason,
-        final_image=final, iterations=state.get("iteration", 0),
+        final_image=final, iterations=state.get("iteration", 0), model_calls=state.get("model_calls", []),
     )
-    _emit({"event": "stop", "status": status, "reason": reason})
+    runtime.stream_writer({"event": "stop", "status": status, "reason": reason})
     return {"status": status, "stop_reason": reason, "final_image": final.path if final else None,
             "iterations": state.get("iteration", 0), "trajectory": trajectory.model_dump(mode="json")}
 
 
+def _name(get: Callable) -> str:
+    """A backend's display name; a backend that cannot load (the reason the run failed) has none."""
+    try:
+        return getattr(get(), "name", "")
+    except Exception:  # the load error is already the run's stop_reason
+        return ""
+
+
 # ---------------------------------------------------------------- routers
+
+
+def route_after_plan(state: ClvrState) -> Literal["generate", "stop"]:
+    return "stop" if state.get("status") == "failed" else "generate"
 
 
 def route_after_generate(state: ClvrState) -> Literal["verify", "stop"]:
@@ -278,12 +350,12 @@ def build_graph(*, interactive: bool = False) -> StateGraph:
     if interactive:
         g.add_node("review_plan", review_plan)
         g.add_node("review_stop", review_stop)
-        g.add_edge("plan", "review_plan")
+        g.add_conditional_edges("plan", route_after_plan, {"generate": "review_plan", "stop": "review_stop"})
         g.add_edge("review_plan", "generate")
         g.add_edge("review_stop", "stop")
         stop_target = "review_stop"
     else:
-        g.add_edge("plan", "generate")
+        g.add_conditional_edges("plan", route_after_plan, {"generate": "generate", "stop": "stop"})
         stop_target = "stop"
     g.add_conditional_edges("generate", route_after_generate, {"verify": "verify", "stop": stop_target})
     g.add_conditional_edges(

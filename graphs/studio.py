@@ -1,6 +1,7 @@
-"""The graph LangGraph Studio / ``langgraph dev`` serves: compiled without a checkpointer
-(the server brings its own). Runs arrive without a context, so nodes fall back to the embedded
-ShapeWorld backend, built on the first run, not at import."""
+"""The graph LangGraph Studio / ``langgraph dev`` serves: compiled without a checkpointer (the
+server brings its own). The server builds each run's :class:`~clvr_agent.state.ClvrContext` from
+the assistant's and the run's context dicts, so ``{}`` runs the embedded ShapeWorld defaults and an
+assistant may carry its own backend, options and settings (e.g. ``{"max_iterations": 1}``)."""
 
 from clvr_agent.graphs.graph import build_graph
 

@@ -57,8 +57,12 @@ def test_import_loads_no_model():
 
 def test_trajectory_schema_is_versioned():
     schema = trajectory_json_schema()
-    assert schema["version"] == "1.0" and "steps" in schema["properties"]
+    assert schema["version"] == "1.1" and "steps" in schema["properties"] and "model_calls" in schema["properties"]
     json.dumps(schema)
+    from clvr_agent.types import Trajectory
+
+    old = Trajectory.model_validate({"schema_version": "1.0", "prompt": "p", "seed": 0})  # 1.0 records load
+    assert old.model_calls == []
 
 
 def test_studio_graph_runs_without_context():

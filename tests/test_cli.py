@@ -30,7 +30,7 @@ def test_generate_writes_run_folder(tmp_path):
     for name in ("final.png", "trajectory.json", "trace.html", "checkpoints.sqlite"):
         assert (out / name).is_file(), name
     traj = json.loads((out / "trajectory.json").read_text())
-    assert traj["schema_version"] == "1.0" and traj["prompt"] == PROMPT
+    assert traj["schema_version"] == "1.1" and traj["prompt"] == PROMPT
     assert all(Path(s["canvas"]["path"]).parent == (out / "steps").resolve() for s in traj["steps"])
     html = (out / "trace.html").read_text()
     assert PROMPT in html and "Stop reason" in html and 'src="steps/' in html

@@ -25,6 +25,15 @@ class MissingDependencyError(ImportError):
 _EXTRAS = {"flux2-klein": "models", "clvr-mini": "models", "qwen3-vl": "models", "chat-model": "openai"}
 
 
+# Which controller a backend pairs with when none is named. A VLM controller works with any
+# executor; the ShapeWorld controller judges anything that draws ShapeWorld scenes.
+DEFAULT_CONTROLLER = {"shapeworld": "shapeworld", "clvr-mini": "shapeworld", "flux2-klein": "qwen3-vl"}
+
+
+def default_controller(backend: str) -> str:
+    return DEFAULT_CONTROLLER.get(backend, "shapeworld")
+
+
 _EXECUTORS: dict[str, Callable[..., Executor]] = {}
 _CONTROLLERS: dict[str, Callable[..., Controller]] = {}
 _CACHE: dict[tuple, Any] = {}
