@@ -44,6 +44,7 @@ def synth(
     dtype: str = typer.Option("bfloat16", help="torch dtype for real models."),
     device: str = typer.Option("cuda", help="torch device for real models."),
     merge: bool = typer.Option(False, help="Afterwards, merge every shard in --out into data.jsonl."),
+    record_calls: bool = typer.Option(False, help="Also write every controller call and answer (calls-*.jsonl) for VLM SFT."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Run the loop on generated prompts and keep the verified trajectories that beat a single-step draw."""
@@ -57,7 +58,8 @@ def synth(
         raise _fail(f"unknown controller {controller!r}; known: {', '.join(controller_names())}")
     try:
         config = SynthConfig(out=str(out), n=n, seed=seed, prompts=prompts, max_tier=max_tier,
-                             shard=parse_shard(shard), max_iterations=max_iterations, progress=progress)
+                             shard=parse_shard(shard), max_iterations=max_iterations, progress=progress,
+                             record_calls=record_calls)
         executor = get_executor(backend, **executor_options(backend, model, dtype, device, False))
         ctl = get_controller(controller, **controller_options(controller, vlm, None, None, dtype, device))
         report = synthesize(config, executor, ctl)
@@ -79,7 +81,7 @@ def sft_vlm(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (model + checkpoints)."),
     lora: bool = typer.Option(False, "--lora/--full", help="LoRA on the language model, or a full fine-tune."),
     lora_rank: int = typer.Option(16, help="LoRA rank (with --lora)."),
-    dialogue: str = typer.Option("trajectory", help="trajectory (multi-turn) | calls (one per controller call)."),
+    dialogue: str = typer.Option("calls", help="calls (one per controller call, as the controller sends it) | trajectory (multi-turn)."),
     max_steps: int = typer.Option(1000, help="Optimizer steps."),
     batch_size: int = typer.Option(4, help="Conversations per step per process."),
     grad_accum: int = typer.Option(1, help="Micro-batches per step."),
@@ -102,7 +104,7 @@ def sft_vlm(
             lora_rank=lora_rank if lora else 0, image_size=image_size, max_length=max_length,
             mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, seed=seed, resume=resume,
         )
-        dataset = TrajectoryDialogueDataset.from_path(data, dialogue=config.dialogue,
+        dataset = TrajectoryDialogueDataset.from_path(data, dialogue=config.dialogue, image_size=config.image_size,
                                                       history_token_budget=config.history_token_budget,
                                                       history_images=config.history_images)
         from clvr_agent.tools.qwen3_vl import load_qwen3_vl

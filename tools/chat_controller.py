@@ -1,7 +1,7 @@
 """A controller backed by any LangChain chat model that accepts image content blocks.
 
-Images go out as base64 PNG data-URL blocks, downscaled to ``image_size`` and built only for the
-call. Replies are pydantic records: through ``with_structured_output`` where the model supports
+Every call is rendered by :mod:`clvr_agent.tools.conversation` (the renderer VLM SFT trains on);
+images go out as base64 PNG data-URL blocks, downscaled to ``image_size`` and built only for the call. Replies are pydantic records: through ``with_structured_output`` where the model supports
 it, else as JSON extracted from the text. An invalid reply is answered with its validation error,
 at most ``max_retries`` times, then :class:`ControllerOutputError` ends the step cleanly.
 """
@@ -11,41 +11,29 @@ from __future__ import annotations
 import base64
 import io
 import json
-import math
 import re
 from typing import Any, Callable, Literal, Optional, TypeVar, Union
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
-from clvr_agent.tools import prompts
+from clvr_agent.tools import conversation, prompts
 from clvr_agent.tools.base import ControllerOutputError
-from clvr_agent.types import (
-    Constraint,
-    Correction,
-    PassiveCheck,
-    Plan,
-    Step,
-    Verdict,
+
+# Re-exported: the renderer owns them, callers of this module keep their imports.
+from clvr_agent.tools.conversation import (  # noqa: F401
+    CHARS_PER_TOKEN,
+    PIXELS_PER_IMAGE_TOKEN,
+    PlanReply,
+    downscale,
+    estimate_tokens,
+    image_tokens,
 )
+from clvr_agent.types import Correction, PassiveCheck, Plan, Step, Verdict
 
 R = TypeVar("R", bound=BaseModel)
-
-# Qwen3-VL spends one token per 32x32 pixels (patch 16, merge 2); other VLMs are in the same range.
-PIXELS_PER_IMAGE_TOKEN = 32 * 32
-CHARS_PER_TOKEN = 4
-
-
-class PlanReply(BaseModel):
-    """What the model writes for a plan (``Plan.fallback`` is the graph's to set, not the model's)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    constraints: list[Constraint] = Field(min_length=1)
-    first_instruction: str = Field(min_length=1)
-    reasoning: str = ""
 
 
 class ChatModelController:
@@ -111,53 +99,33 @@ class ChatModelController:
         return cls(chat, **kw)
 
     # -- the Controller protocol ------------------------------------------------------------
+    # Every call is rendered by clvr_agent.tools.conversation, the renderer VLM SFT trains on.
+
+    def render_options(self, schema: type[BaseModel]) -> conversation.RenderOptions:
+        return conversation.RenderOptions(
+            image_size=self.image_size, history_token_budget=self.history_token_budget,
+            history_images=self.history_images, schema_in_text=self._structured_runnable(schema) is None)
 
     def plan(self, prompt: str) -> Plan:
-        messages = [
-            SystemMessage(self._system(prompts.PLAN_SYSTEM, PlanReply)),
-            HumanMessage(prompts.PLAN_USER.format(prompt=prompt)),
-        ]
-        reply = self._ask(messages, PlanReply, _check_plan)
+        messages = conversation.plan_messages(prompt, self.render_options(PlanReply))
+        reply = self._ask(to_langchain(messages), PlanReply, _check_plan)
         return Plan(**reply.model_dump(), fallback=False)
 
     def check_step(self, instruction: str, before: Optional[Image.Image], after: Image.Image) -> PassiveCheck:
-        content = [_text(prompts.CHECK_USER.format(instruction=instruction))]
-        if before is None:
-            content.append(_text(prompts.CHECK_NO_BEFORE))
-        else:
-            content += [_text(prompts.BEFORE_LABEL), self._image_block(before)]
-        content += [_text(prompts.AFTER_LABEL), self._image_block(after)]
-        messages = [SystemMessage(self._system(prompts.CHECK_SYSTEM, PassiveCheck)), HumanMessage(content)]
-        return self._ask(messages, PassiveCheck)
+        messages = conversation.check_messages(instruction, before, after, self.render_options(PassiveCheck))
+        return self._ask(to_langchain(messages), PassiveCheck)
 
     def verify(self, prompt: str, plan: Plan, canvas: Image.Image, history: list[Step]) -> Verdict:
-        history_text, history_blocks = self._history(history, canvas)
-        text = prompts.VERIFY_USER.format(
-            prompt=prompt, constraints=_constraint_lines(plan.constraints), history=history_text
-        )
-        content = [_text(text), *history_blocks, _text(prompts.CURRENT_CANVAS_LABEL), self._image_block(canvas)]
-        messages = [SystemMessage(self._system(prompts.VERIFY_SYSTEM, Verdict)), HumanMessage(content)]
+        messages = conversation.verify_messages(prompt, plan, canvas, history, self.render_options(Verdict))
         ids = [c.id for c in plan.constraints]
-        return self._ask(messages, Verdict, lambda v: _check_verdict(v, ids))
+        return self._ask(to_langchain(messages), Verdict, lambda v: _check_verdict(v, ids))
 
     def correct(
         self, prompt: str, plan: Plan, verdict: Verdict, canvas: Image.Image, history: list[Step]
     ) -> Correction:
-        history_text, history_blocks = self._history(history, canvas)
-        unmet_ids = {c.id for c in verdict.unmet()}
-        unmet = [c for c in plan.constraints if c.id in unmet_ids]
-        text = prompts.CORRECT_USER.format(
-            prompt=prompt,
-            constraints=_constraint_lines(plan.constraints),
-            unmet=_constraint_lines(unmet) if unmet else prompts.HISTORY_EMPTY,
-            summary=verdict.summary or prompts.HISTORY_EMPTY,
-            history=history_text,
-            width=canvas.width,
-            height=canvas.height,
-        )
-        content = [_text(text), *history_blocks, _text(prompts.CURRENT_CANVAS_LABEL), self._image_block(canvas)]
-        messages = [SystemMessage(self._system(prompts.CORRECT_SYSTEM, Correction)), HumanMessage(content)]
-        return self._ask(messages, Correction, lambda c: _check_correction(c, canvas.size))
+        messages = conversation.correct_messages(prompt, plan, verdict, canvas, history,
+                                                 self.render_options(Correction))
+        return self._ask(to_langchain(messages), Correction, lambda c: _check_correction(c, canvas.size))
 
     # -- asking, parsing, retrying ----------------------------------------------------------
 
@@ -208,54 +176,8 @@ class ChatModelController:
                 self._structured[schema] = None  # "auto": this model has no tool calling; parse text
         return self._structured[schema]
 
-    def _system(self, prompt: str, schema: type[BaseModel]) -> str:
-        if self._structured_runnable(schema) is not None:
-            return prompt
-        return prompt + "\n\n" + prompts.JSON_REPLY.format(schema=json.dumps(schema.model_json_schema()))
-
-    # -- images and history -----------------------------------------------------------------
-
-    def _image_block(self, image: Image.Image) -> dict:
-        return image_block(downscale(image, self.image_size))
-
-    def _history(self, history: list[Step], canvas: Image.Image) -> tuple[str, list[dict]]:
-        """The most recent steps that fit the token budget, as text, plus a few of their canvases."""
-        budget = self.history_token_budget
-        lines: list[str] = []
-        images: list[tuple[int, Image.Image]] = []
-        for step in reversed(history):
-            line = _step_line(step)
-            if estimate_tokens(line) > budget:
-                break
-            budget -= estimate_tokens(line)
-            lines.append(line)
-            if step.canvas is None or len(images) >= self.history_images:
-                continue
-            pixels = step.canvas.open()
-            if _same_pixels(pixels, canvas):
-                continue  # the current canvas is sent anyway
-            small = downscale(pixels, self.image_size)
-            if image_tokens(small) <= budget:
-                budget -= image_tokens(small)
-                images.append((step.index, small))
-        omitted = len(history) - len(lines)
-        lines.reverse()
-        if omitted:
-            lines.insert(0, prompts.HISTORY_OMITTED.format(count=omitted))
-        blocks: list[dict] = []
-        for index, small in reversed(images):
-            blocks += [_text(prompts.HISTORY_IMAGE_LABEL.format(index=index)), image_block(small)]
-        return "\n".join(lines) or prompts.HISTORY_EMPTY, blocks
-
 
 # -- helpers (module level so tests and the Qwen3-VL adapter can use them) ------------------
-
-
-def downscale(image: Image.Image, size: int) -> Image.Image:
-    """An RGB copy whose longer side is at most ``size`` (aspect kept, never upscaled)."""
-    small = image.convert("RGB")  # always a copy
-    small.thumbnail((size, size), Image.Resampling.LANCZOS)
-    return small
 
 
 def image_block(image: Image.Image) -> dict:
@@ -266,21 +188,19 @@ def image_block(image: Image.Image) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def estimate_tokens(text: str) -> int:
-    return math.ceil(len(text) / CHARS_PER_TOKEN)
-
-
-def image_tokens(image: Image.Image) -> int:
-    return math.ceil(image.width * image.height / PIXELS_PER_IMAGE_TOKEN)
-
-
-_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
+THINK_END = "</think>"
 
 
 def extract_json(text: str) -> dict:
-    """The first JSON object in a reply, tolerant of ```json fences and <think> blocks."""
-    text = _THINK.sub("", text)
+    """The first JSON object of the answer, tolerant of ```json fences and reasoning.
+
+    The answer is what follows the last ``</think>``: a Thinking checkpoint's template opens
+    ``<think>`` in the prompt, so its reply holds only the closing tag, and the reasoning before it
+    may quote JSON fragments of its own.
+    """
+    if THINK_END in text:
+        text = text.rsplit(THINK_END, 1)[1]
     fenced = _FENCE.search(text)
     if fenced:
         text = fenced.group(1)
@@ -295,36 +215,20 @@ def extract_json(text: str) -> dict:
     raise ValueError(f"no JSON object found in the reply: {text[:200]!r}")
 
 
-def _text(text: str) -> dict:
-    return {"type": "text", "text": text}
+def to_langchain(messages: list[dict]) -> list[BaseMessage]:
+    """Rendered messages (:mod:`~clvr_agent.tools.conversation`) -> LangChain messages, images as PNG data URLs."""
+    out: list[BaseMessage] = []
+    for m in messages:
+        content = m["content"]
+        if not isinstance(content, str):
+            content = [image_block(b["image"]) if b["type"] == "image" else dict(b) for b in content]
+        out.append(SystemMessage(content) if m["role"] == "system" else HumanMessage(content))
+    return out
 
 
 def _short(error: Optional[Exception], limit: int = 1000) -> str:
     message = str(error)
     return message if len(message) <= limit else message[:limit] + " ..."
-
-
-def _constraint_lines(constraints: list[Constraint]) -> str:
-    return "\n".join(f"- {c.id} ({c.kind}): {c.text}" for c in constraints)
-
-
-def _step_line(step: Step) -> str:
-    line = f"step {step.index} (iteration {step.iteration}, {step.request.mode}): {step.instruction}"
-    if step.passive is not None:
-        line += f" | step check: {'done' if step.passive.executed else 'not done'}"
-        line += f" ({step.passive.detail})" if step.passive.detail else ""
-    if step.verdict is not None:
-        line += f" | verdict: score {step.verdict.score:.2f}"
-        line += f", {step.verdict.summary}" if step.verdict.summary else ""
-    if not step.accepted:
-        line += " | rejected"
-    if step.error:
-        line += f" | error: {step.error}"
-    return line
-
-
-def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
-    return a.size == b.size and a.tobytes() == b.convert("RGB").tobytes()
 
 
 def _check_plan(reply: PlanReply) -> None:

@@ -4,12 +4,19 @@ The adapter turns LangChain messages (text and base64 image blocks) into the pro
 template and runs ``generate``, so a local VLM goes through exactly the same controller code
 (:class:`ChatModelController`) as a served chat model. Only safetensors are loaded and
 ``trust_remote_code`` stays off; a local folder never triggers a download.
+
+``vlm`` is a hub id, a local folder, or a name of a checkpoint shipped in the package
+(``clvr-mini-vlm``). A folder may hold ``clvr_controller.json``: the controller settings it was
+trained with (``image_size``, ``history_token_budget``, ``history_images``, ``max_new_tokens``),
+used unless the caller passes them. Thinking checkpoints (their template opens ``<think>`` in the
+prompt) get a larger reply budget, and their answer is read after the last ``</think>``.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -21,6 +28,15 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from PIL import Image
 
 from clvr_agent.tools.chat_controller import ChatModelController
+from clvr_agent.tools.conversation import to_processor_conversation
+
+# Checkpoints shipped inside the package, by name (``--vlm clvr-mini-vlm``).
+SHIPPED = ("clvr-mini-vlm",)
+CONTROLLER_SETTINGS = "clvr_controller.json"
+_CONTROLLER_KEYS = ("image_size", "history_token_budget", "history_images", "max_new_tokens")
+# Reply budgets: an Instruct model answers in one JSON object; a Thinking model reasons first.
+MAX_NEW_TOKENS = 512
+MAX_NEW_TOKENS_THINKING = 4096
 
 _ROLES = {"system": "system", "human": "user", "ai": "assistant"}
 
@@ -81,11 +97,9 @@ def to_qwen_conversation(messages: list[BaseMessage]) -> list[dict]:
                 content.append({"type": "image", "image": _decode_image(block)})
             else:
                 raise ValueError(f"Qwen3-VL adapter cannot send a {block['type']!r} content block")
-        if all(c["type"] == "text" for c in content):
-            # Plain strings keep every chat template happy (system turns in particular).
-            content = "".join(c["text"] for c in content)
         conversation.append({"role": _ROLES[message.type], "content": content})
-    return conversation
+    # The same last step as VLM SFT's conversations, so both reach the chat template identically.
+    return to_processor_conversation(conversation)
 
 
 def _decode_image(block: dict) -> Image.Image:
@@ -142,18 +156,64 @@ def load_qwen3_vl_controller(
     vlm: str,
     torch_dtype: Union[str, Any] = "auto",
     device: Optional[str] = None,
-    max_new_tokens: int = 512,
+    max_new_tokens: Optional[int] = None,
     **controller_kw,
 ) -> ChatModelController:
-    """The ``qwen3-vl`` controller: a local Qwen3-VL behind :class:`ChatModelController`."""
+    """The ``qwen3-vl`` controller: a local Qwen3-VL behind :class:`ChatModelController`.
+
+    Settings the caller leaves out come from the folder's ``clvr_controller.json``; ``max_new_tokens``
+    then defaults to 512, or 4096 for a Thinking checkpoint.
+    """
     model, processor = load_qwen3_vl(vlm, torch_dtype=torch_dtype, device=device)
+    saved = controller_settings(vlm)
+    for key in ("image_size", "history_token_budget", "history_images"):
+        if key in saved:
+            controller_kw.setdefault(key, saved[key])
+    if max_new_tokens is None:
+        max_new_tokens = saved.get("max_new_tokens") or (
+            MAX_NEW_TOKENS_THINKING if is_thinking(processor) else MAX_NEW_TOKENS)
     chat = Qwen3VLChatModel(model=model, processor=processor, max_new_tokens=max_new_tokens)
     controller_kw.setdefault("name", "qwen3-vl")
     return ChatModelController(chat, **controller_kw)
 
 
+def is_thinking(processor) -> bool:
+    """True when the chat template opens a ``<think>`` block in the generation prompt (Thinking checkpoints)."""
+    text = processor.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
+                                         tokenize=False)
+    return text.rstrip().endswith("<think>")
+
+
+def shipped_path(name: str) -> Path:
+    """The folder of a checkpoint shipped in the package (``clvr_agent/models/<name>``)."""
+    import clvr_agent
+
+    return Path(clvr_agent.__file__).parent / "models" / name
+
+
+def controller_settings(vlm: str) -> dict:
+    """The folder's ``clvr_controller.json`` (the settings it was trained with), or {} for a hub id."""
+    source, local = _resolve_source(vlm)
+    path = Path(source) / CONTROLLER_SETTINGS
+    if not local or not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    unknown = sorted(set(saved) - set(_CONTROLLER_KEYS))
+    if not isinstance(saved, dict) or unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; allowed: {', '.join(_CONTROLLER_KEYS)}")
+    return saved
+
+
 def _resolve_source(vlm: str) -> tuple[str, bool]:
-    """(source, is_local). An existing path must be a complete folder; anything else is a hub id."""
+    """(source, is_local). A shipped name or an existing path must be a complete folder; else a hub id."""
+    if vlm in SHIPPED:
+        path = shipped_path(vlm)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{vlm} is not installed at {path}; reinstall clvr-agent or pass a folder")
+        vlm = str(path)
     path = Path(vlm).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -1,17 +1,18 @@
 """VLM SFT: Qwen3-VL on the controller's side of verified trajectories, loss on assistant turns only.
 
-A trajectory record (``clvr_agent.types.Trajectory``, as ``clvr synth`` writes it) becomes the controller
-calls that produced it: plan, step check, verify and correct. Each call's user message is built from the
-same prompt constants (:mod:`clvr_agent.tools.prompts`) and helpers the chat controller sends at inference,
-and its assistant reply is the JSON record the controller parses (``PlanReply``, ``PassiveCheck``,
-``Verdict``, ``Correction``). Two renderings:
+The data are controller calls (:class:`~clvr_agent.tools.conversation.ControllerCall`): recorded by
+``clvr synth --record-calls`` (``calls-*.jsonl``, every call of the teacher with its answer), or, for a
+folder of trajectories only, read back from each ``Trajectory`` (plan, step check, verify, correct). The
+assistant reply is the JSON record the controller parses (``PlanReply``, ``PassiveCheck``, ``Verdict``,
+``Correction``). Two renderings:
 
-- ``dialogue="trajectory"`` (default): one interleaved multi-turn dialogue per trajectory: the controller's
-  role as the system turn, then for every call a user turn (the task paragraph of that call's system prompt,
-  its user text and canvases where they occur) and the assistant's reply. Earlier canvases are already in the
-  dialogue, so history images are not repeated.
-- ``dialogue="calls"``: every call as its own conversation, exactly the messages the controller sends in text
-  mode (task system prompt with the JSON schema, user text, history canvases, current canvas).
+- ``dialogue="calls"`` (default): every call as its own conversation, rendered by the controller's own
+  renderer (:mod:`clvr_agent.tools.conversation`) with the controller's settings (``image_size``,
+  ``history_token_budget``, ``history_images``): exactly the messages it sends at inference in text mode.
+- ``dialogue="trajectory"``: one interleaved multi-turn dialogue per trajectory: the controller's role as the
+  system turn, then for every call a user turn (the task paragraph of that call's system prompt, its user
+  text and canvases where they occur) and the assistant's reply. Not what inference sends; kept for
+  experiments with multi-turn controllers.
 
 The collator applies the processor's chat template, so images expand to their real token counts where
 they occur, and sets labels to -100 everywhere except each assistant span: from after
@@ -32,12 +33,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from clvr_agent.tools import prompts
-from clvr_agent.tools.chat_controller import (
+from clvr_agent.tools.conversation import (
+    ControllerCall,
     PlanReply,
-    _constraint_lines,
-    _step_line,
+    RenderOptions,
+    constraint_lines,
     downscale,
     estimate_tokens,
+    step_line,
+    training_conversation,
 )
 from clvr_agent.types import Correction, ImageRef, PassiveCheck, Step, Trajectory, Verdict
 from clvr_agent.training.diffusion_loop import append_log
@@ -64,7 +68,7 @@ class Exchange:
     task: Literal["plan", "check", "verify", "correct"]
     user: list[dict]  # {"type": "text", "text": ...} | {"type": "image", "path": ...}
     reply: str
-    history_images: list[dict] = field(default_factory=list)  # blocks the controller adds in "calls" mode
+    call: Optional[ControllerCall] = None  # the same call as data, for the controller's renderer ("calls")
 
 
 def _text(text: str) -> dict:
@@ -80,7 +84,7 @@ def _history_text(history: Sequence[Step], budget: int) -> str:
     """The controller's ``_history`` text: newest lines that fit the token budget, oldest first."""
     lines: list[str] = []
     for step in reversed(history):
-        line = _step_line(step)
+        line = step_line(step)
         if estimate_tokens(line) > budget:
             break
         budget -= estimate_tokens(line)
@@ -92,18 +96,7 @@ def _history_text(history: Sequence[Step], budget: int) -> str:
     return "\n".join(lines) or prompts.HISTORY_EMPTY
 
 
-def _history_images(history: Sequence[Step], current: ImageRef, root: Path, limit: int) -> list[dict]:
-    """Up to ``limit`` most recent earlier canvases (not the current one), labelled, oldest first."""
-    picked = [s for s in reversed(history) if s.canvas is not None and s.canvas.sha256 != current.sha256][:limit]
-    blocks: list[dict] = []
-    for s in reversed(picked):
-        blocks += [_text(prompts.HISTORY_IMAGE_LABEL.format(index=s.index)), _image(s.canvas, root)]
-    return blocks
-
-
-def trajectory_exchanges(
-    traj: Trajectory, root: Path, *, history_token_budget: int = 2048, history_images: int = 2
-) -> list[Exchange]:
+def trajectory_exchanges(traj: Trajectory, root: Path, *, history_token_budget: int = 2048) -> list[Exchange]:
     """The controller calls of one trajectory, in the order the loop made them.
 
     Steps without a canvas or with an error are skipped; a fallback plan (the controller failed) is not a
@@ -113,26 +106,31 @@ def trajectory_exchanges(
     out: list[Exchange] = []
     if plan is not None and not plan.fallback:
         reply = PlanReply(constraints=plan.constraints, first_instruction=plan.first_instruction, reasoning=plan.reasoning)
-        out.append(Exchange("plan", [_text(prompts.PLAN_USER.format(prompt=traj.prompt))], reply.model_dump_json()))
+        out.append(Exchange("plan", [_text(prompts.PLAN_USER.format(prompt=traj.prompt))], reply.model_dump_json(),
+                            ControllerCall(task="plan", prompt=traj.prompt, reply=reply.model_dump_json())))
     steps = [s for s in traj.steps if s.canvas is not None and s.error is None]
     for i, step in enumerate(steps):
         if step.passive is not None:
             refs = step.request.references
+            before = None if step.request.mode == "generate" or not refs else refs[-1]
             user = [_text(prompts.CHECK_USER.format(instruction=step.instruction))]
-            if step.request.mode == "generate" or not refs:
+            if before is None:
                 user.append(_text(prompts.CHECK_NO_BEFORE))
             else:
-                user += [_text(prompts.BEFORE_LABEL), _image(refs[-1], root)]
+                user += [_text(prompts.BEFORE_LABEL), _image(before, root)]
             user += [_text(prompts.AFTER_LABEL), _image(step.canvas, root)]
-            out.append(Exchange("check", user, step.passive.model_dump_json()))
+            call = ControllerCall(task="check", instruction=step.instruction, before=before, image=step.canvas,
+                                  reply=step.passive.model_dump_json()).resolved(root)
+            out.append(Exchange("check", user, step.passive.model_dump_json(), call))
         if step.verdict is None or plan is None:
             continue
         prior = [s for s in steps[:i] if s.accepted]  # the graph's accepted_canvases(steps[:-1])
-        text = prompts.VERIFY_USER.format(prompt=traj.prompt, constraints=_constraint_lines(plan.constraints),
+        text = prompts.VERIFY_USER.format(prompt=traj.prompt, constraints=constraint_lines(plan.constraints),
                                           history=_history_text(prior, history_token_budget))
+        call = ControllerCall(task="verify", prompt=traj.prompt, plan=plan, image=step.canvas, history=prior,
+                              reply=step.verdict.model_dump_json()).resolved(root)
         out.append(Exchange("verify", [_text(text), _text(prompts.CURRENT_CANVAS_LABEL), _image(step.canvas, root)],
-                            step.verdict.model_dump_json(),
-                            _history_images(prior, step.canvas, root, history_images)))
+                            step.verdict.model_dump_json(), call))
         nxt = next((s for s in steps[i + 1:] if s.iteration == step.iteration + 1), None)
         if nxt is None or not step.accepted:
             continue
@@ -140,8 +138,8 @@ def trajectory_exchanges(
         unmet = [c for c in plan.constraints if c.id in unmet_ids]
         history = steps[: i + 1]
         text = prompts.CORRECT_USER.format(
-            prompt=traj.prompt, constraints=_constraint_lines(plan.constraints),
-            unmet=_constraint_lines(unmet) if unmet else prompts.HISTORY_EMPTY,
+            prompt=traj.prompt, constraints=constraint_lines(plan.constraints),
+            unmet=constraint_lines(unmet) if unmet else prompts.HISTORY_EMPTY,
             summary=step.verdict.summary or prompts.HISTORY_EMPTY,
             history=_history_text(history, history_token_budget),
             width=step.canvas.width, height=step.canvas.height,
@@ -149,9 +147,10 @@ def trajectory_exchanges(
         correction = Correction(instruction=nxt.instruction, mode=_TO_CORRECTION_MODE[nxt.request.mode],
                                 reasoning=nxt.reasoning, region=nxt.request.region,
                                 region_prompt=nxt.request.region_prompt)
+        call = ControllerCall(task="correct", prompt=traj.prompt, plan=plan, verdict=step.verdict, image=step.canvas,
+                              history=history, reply=correction.model_dump_json()).resolved(root)
         out.append(Exchange("correct", [_text(text), _text(prompts.CURRENT_CANVAS_LABEL), _image(step.canvas, root)],
-                            correction.model_dump_json(),
-                            _history_images(history, step.canvas, root, history_images)))
+                            correction.model_dump_json(), call))
     return out
 
 
@@ -163,14 +162,10 @@ def task_paragraph(task: str) -> str:
     return system[len(prompts.CONTROLLER_ROLE):].strip()
 
 
-def text_mode_system(task: str) -> str:
-    """The system prompt the chat controller sends in text mode (no tool calling, as for local Qwen3-VL)."""
-    system, schema = TASKS[task]
-    return system + "\n\n" + prompts.JSON_REPLY.format(schema=json.dumps(schema.model_json_schema()))
-
-
-def render_dialogues(exchanges: Sequence[Exchange], dialogue: str) -> list[list[dict]]:
-    """Chat-format conversations (images still as paths) for ``dialogue`` = "trajectory" or "calls"."""
+def render_dialogues(exchanges: Sequence[Exchange], dialogue: str,
+                     opts: RenderOptions = RenderOptions()) -> list[list[dict]]:
+    """Chat-format conversations for ``dialogue`` = "trajectory" (images as paths) or "calls" (the
+    controller's renderer with ``opts``: images as downscaled pixels)."""
     if dialogue == "trajectory":
         conv = [{"role": "system", "content": prompts.CONTROLLER_ROLE}]
         for ex in exchanges:
@@ -178,14 +173,7 @@ def render_dialogues(exchanges: Sequence[Exchange], dialogue: str) -> list[list[
             conv.append({"role": "assistant", "content": ex.reply})
         return [conv] if exchanges else []
     if dialogue == "calls":
-        convs = []
-        for ex in exchanges:
-            # The controller puts history canvases between its text and the current-canvas label.
-            user = [ex.user[0], *ex.history_images, *ex.user[1:]]
-            convs.append([{"role": "system", "content": text_mode_system(ex.task)},
-                          {"role": "user", "content": user},
-                          {"role": "assistant", "content": ex.reply}])
-        return convs
+        return [training_conversation(ex.call, opts) for ex in exchanges]
     raise ValueError(f"dialogue must be 'trajectory' or 'calls', got {dialogue!r}")
 
 
@@ -218,8 +206,37 @@ def load_trajectories(data: str | Path) -> list[tuple[Trajectory, Path]]:
     return out
 
 
+def call_files(data: str | Path) -> list[Path]:
+    """Every ``calls-*.jsonl`` (``clvr synth --record-calls``) in a folder and its subfolders; [] if none."""
+    path = Path(data)
+    return sorted(path.rglob("calls-*.jsonl")) if path.is_dir() else []
+
+
+def load_calls(data: str | Path) -> list[ControllerCall]:
+    """Every recorded call, image paths resolved. A plan asked twice for one prompt (the judge re-plans) is kept once."""
+    out, plans = [], set()
+    for f in call_files(data):
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                call = ControllerCall.model_validate_json(line)
+            except ValueError as exc:
+                raise ValueError(f"{f}:{n}: not a controller call record ({str(exc).splitlines()[0]})") from None
+            if call.task == "plan":
+                if (call.prompt, call.reply) in plans:
+                    continue
+                plans.add((call.prompt, call.reply))
+            out.append(call.resolved(f.parent))
+    return out
+
+
 class TrajectoryDialogueDataset:
-    """Conversations (chat format, image paths) built from trajectory records; item ``i`` is one conversation."""
+    """Conversations (chat format) for SFT; item ``i`` is one conversation.
+
+    Built from conversations, or (:meth:`from_path`) from a synth folder: its recorded calls when it has
+    any, else the calls read back from its trajectories.
+    """
 
     def __init__(self, conversations: Sequence[list[dict]]):
         if not conversations:
@@ -227,23 +244,47 @@ class TrajectoryDialogueDataset:
         self.conversations = list(conversations)
 
     @classmethod
-    def from_trajectories(cls, records: Sequence[tuple[Trajectory, Path]], *, dialogue: str = "trajectory",
-                          history_token_budget: int = 2048, history_images: int = 2) -> "TrajectoryDialogueDataset":
-        convs = []
-        for traj, root in records:
-            ex = trajectory_exchanges(traj, root, history_token_budget=history_token_budget, history_images=history_images)
-            convs.extend(render_dialogues(ex, dialogue))
-        return cls(convs)
+    def from_trajectories(cls, records: Sequence[tuple[Trajectory, Path]], *, dialogue: str = "calls",
+                          image_size: int = 512, history_token_budget: int = 2048,
+                          history_images: int = 2) -> "TrajectoryDialogueDataset":
+        exchanges = [trajectory_exchanges(traj, root, history_token_budget=history_token_budget)
+                     for traj, root in records]
+        if dialogue == "calls":
+            opts = RenderOptions(image_size=image_size, history_token_budget=history_token_budget,
+                                 history_images=history_images)
+            return ControllerCallDataset([e.call for ex in exchanges for e in ex], opts)
+        return cls([conv for ex in exchanges for conv in render_dialogues(ex, dialogue)])
 
     @classmethod
-    def from_path(cls, data: str | Path, **kw) -> "TrajectoryDialogueDataset":
-        return cls.from_trajectories(load_trajectories(data), **kw)
+    def from_path(cls, data: str | Path, *, dialogue: str = "calls", image_size: int = 512,
+                  history_token_budget: int = 2048, history_images: int = 2) -> "TrajectoryDialogueDataset":
+        if dialogue == "calls" and call_files(data):
+            opts = RenderOptions(image_size=image_size, history_token_budget=history_token_budget,
+                                 history_images=history_images)
+            return ControllerCallDataset(load_calls(data), opts)
+        return cls.from_trajectories(load_trajectories(data), dialogue=dialogue, image_size=image_size,
+                                     history_token_budget=history_token_budget, history_images=history_images)
 
     def __len__(self) -> int:
         return len(self.conversations)
 
     def __getitem__(self, i: int) -> list[dict]:
         return self.conversations[i]
+
+
+class ControllerCallDataset(TrajectoryDialogueDataset):
+    """Controller calls rendered on access by the controller's own renderer (images are opened per item)."""
+
+    def __init__(self, calls: Sequence[ControllerCall], opts: RenderOptions):
+        if not calls:
+            raise ValueError("the SFT dataset is empty: the data hold no controller calls to learn")
+        self.calls, self.opts = list(calls), opts
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        return training_conversation(self.calls[i], self.opts)
 
 
 # ---------------------------------------------------------------- collator
@@ -276,6 +317,8 @@ class AssistantOnlyCollator:
         return out
 
     def _open(self, block: dict) -> dict:
+        if "image" in block:  # already pixels: rendered by the controller's renderer at its image_size
+            return {"type": "image", "image": downscale(block["image"], self.image_size)}
         with Image.open(block["path"]) as im:
             return {"type": "image", "image": downscale(im, self.image_size)}
 
@@ -342,7 +385,7 @@ class SFTVLMConfig:
     """Supervised fine-tuning of the Qwen3-VL controller on verified trajectories (assistant-only loss)."""
 
     output_dir: str = field(default="runs/sft-vlm", metadata={"help": "Model folder written at the end (LoRA merged); checkpoints under <output_dir>/checkpoints."})
-    dialogue: str = field(default="trajectory", metadata={"help": "trajectory: one interleaved multi-turn dialogue per trajectory; calls: one conversation per controller call, exactly as at inference."})
+    dialogue: str = field(default="calls", metadata={"help": "calls: one conversation per controller call, exactly as the controller sends it at inference; trajectory: one interleaved multi-turn dialogue per trajectory."})
     max_steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=4, metadata={"help": "Conversations per optimizer step per process (split into micro-batches)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})

@@ -15,7 +15,11 @@ Three filters, in the order they apply:
 
 Output folder ``OUT``: ``data-KKKKK-of-NNNNN.jsonl`` (one :class:`~clvr_agent.types.Trajectory` per line,
 image paths relative to ``OUT``), ``images/<sha256>.png``, ``done-KKKKK-of-NNNNN.jsonl`` (one line per
-prompt tried, kept or not: what resume skips) and ``synth_config.json``. ``merge_shards(OUT)`` writes
+prompt tried, kept or not: what resume skips) and ``synth_config.json``. With ``record_calls``, also
+``calls-KKKKK-of-NNNNN.jsonl``: every controller call of every prompt tried, kept or not (plan, each
+passive check, each verdict, each correction, and the judge's verdicts on the loop's and the single
+step's canvases), as :class:`~clvr_agent.tools.conversation.ControllerCall` records whose reply is the
+teacher's answer: the data VLM SFT renders with the controller's own renderer. ``merge_shards(OUT)`` writes
 ``OUT/data.jsonl``; ``datasets.load_dataset("json", data_files=f"{OUT}/data-*.jsonl")`` reads the shards.
 """
 
@@ -33,7 +37,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from clvr_agent.state import ClvrContext, Settings, validate_prompt
-from clvr_agent.types import ExecutorRequest, ImageRef, Trajectory
+from clvr_agent.store import ArtifactStore
+from clvr_agent.tools.conversation import ControllerCall, PlanReply
+from clvr_agent.types import ExecutorRequest, ImageRef, Plan, Step, Trajectory, Verdict
 
 # judge(prompt, loop_image, single_image) -> margin; > 0 means the loop's image is better.
 Judge = Callable[[str, Image.Image, Image.Image], float]
@@ -55,6 +61,7 @@ class SynthConfig:
     max_iterations: int = field(default=8, metadata={"help": "Loop budget per prompt (paper: 8)."})
     loop_settings: dict = field(default_factory=dict, metadata={"help": "Other loop Settings (reference_window, passive_retries, patience, steps, guidance, height, width)."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+    record_calls: bool = field(default=False, metadata={"help": "Also write every controller call and its answer (calls-*.jsonl) for VLM SFT."})
 
     def __post_init__(self):
         from clvr_agent.tools.shapeworld.language import MAX_TIER
@@ -224,6 +231,65 @@ def rejection(traj: Trajectory) -> Optional[str]:
     return None
 
 
+# ---------------------------------------------------------------- recording the controller's calls
+
+
+class RecordingController:
+    """A controller that answers through ``inner`` and keeps each call as a :class:`ControllerCall`.
+
+    Images are stored content-addressed under ``OUT/images`` (paths relative to OUT); history steps keep
+    their canvas and drop their executor references (the renderer never shows them).
+    """
+
+    def __init__(self, inner, out: Path):
+        self.inner, self.out = inner, Path(out)
+        self.name = getattr(inner, "name", type(inner).__name__)
+        self.store = ArtifactStore(self.out / "images")
+        self.calls: list[ControllerCall] = []
+
+    def _put(self, image: Image.Image) -> ImageRef:
+        ref = self.store.put(image)
+        return ref.model_copy(update={"path": str(Path(ref.path).relative_to(self.out.resolve()))})
+
+    def _history(self, history: list[Step]) -> list[Step]:
+        out = []
+        for s in history:
+            canvas = _export_image(s.canvas, self.out) if s.canvas is not None else None
+            out.append(s.model_copy(update={"canvas": canvas, "request": s.request.model_copy(update={"references": []})}))
+        return out
+
+    def plan(self, prompt: str) -> Plan:
+        plan = self.inner.plan(prompt)
+        reply = PlanReply(constraints=plan.constraints, first_instruction=plan.first_instruction, reasoning=plan.reasoning)
+        self.calls.append(ControllerCall(task="plan", prompt=prompt, reply=reply.model_dump_json()))
+        return plan
+
+    def check_step(self, instruction: str, before: Optional[Image.Image], after: Image.Image):
+        check = self.inner.check_step(instruction, before, after)
+        self.calls.append(ControllerCall(task="check", instruction=instruction, reply=check.model_dump_json(),
+                                         before=self._put(before) if before is not None else None,
+                                         image=self._put(after)))
+        return check
+
+    def verify(self, prompt: str, plan: Plan, canvas: Image.Image, history: list[Step]) -> Verdict:
+        verdict = self.inner.verify(prompt, plan, canvas, history)
+        self.calls.append(ControllerCall(task="verify", prompt=prompt, plan=plan, image=self._put(canvas),
+                                         history=self._history(history), reply=verdict.model_dump_json()))
+        return verdict
+
+    def correct(self, prompt: str, plan: Plan, verdict: Verdict, canvas: Image.Image, history: list[Step]):
+        correction = self.inner.correct(prompt, plan, verdict, canvas, history)
+        self.calls.append(ControllerCall(task="correct", prompt=prompt, plan=plan, verdict=verdict,
+                                         image=self._put(canvas), history=self._history(history),
+                                         reply=correction.model_dump_json()))
+        return correction
+
+    def take(self) -> list[ControllerCall]:
+        """The calls recorded since the last ``take``."""
+        calls, self.calls = self.calls, []
+        return calls
+
+
 # ---------------------------------------------------------------- synthesis
 
 
@@ -241,6 +307,11 @@ def synthesize(config: SynthConfig, executor, controller, judge: Optional[Judge]
     for own in (data_path, done_path):  # only this shard's files: others may be mid-append
         _repair_tail(own)
     prompts = load_prompts(config)
+    recorder = RecordingController(controller, out) if config.record_calls else None
+    if recorder is not None:
+        calls_path = out / shard_name("calls", config.shard)
+        _repair_tail(calls_path)
+        controller = recorder  # the loop and the default judge both answer through it
     judge = judge or VerifierJudge(controller)
     finished = done_keys(out)
     k, n_shards = config.shard
@@ -258,6 +329,10 @@ def synthesize(config: SynthConfig, executor, controller, judge: Optional[Judge]
                 continue
             record = _synthesize_one(loop, executor, judge, prompt, seed, settings, out)
             record["index"] = index
+            if recorder is not None:
+                meta = {"index": index, "seed": seed, "teacher": recorder.name, "kept": record["kept"]}
+                with open(calls_path, "a") as f:
+                    f.writelines(c.model_copy(update={"meta": meta}).model_dump_json() + "\n" for c in recorder.take())
             if record.pop("trajectory", None) is not None:
                 with open(data_path, "a") as f:
                     f.write(record.pop("line") + "\n")
