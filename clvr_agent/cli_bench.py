@@ -12,7 +12,8 @@ from rich.table import Table
 
 bench_app = typer.Typer(help="Benchmarks: loop-speed, overhead, loads, kv-refs, merge, eval-throughput, gpu.")
 
-_NAMES = ("loop-speed", "overhead", "loads", "kv-refs", "merge", "eval-throughput", "gpu")
+# merge and gpu take their own options and live below.
+_NAMES = ("loop-speed", "overhead", "loads", "kv-refs", "eval-throughput")
 
 
 def _table(result: dict) -> Table:
@@ -50,3 +51,38 @@ def _command(name: str):
 
 for _name in _NAMES:
     bench_app.command(_name)(_command(_name))
+
+
+def _write_json(json_out: Optional[Path], result: dict) -> None:
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+@bench_app.command("merge")
+def merge(
+    dtype: list[str] = typer.Option(
+        ["float32", "bfloat16", "float16"], "--dtype", help="Input dtype(s) to measure; repeat the option."
+    ),
+    tensors: int = typer.Option(10, "--tensors", min=1, help="Weights per checkpoint (plus a norm vector each)."),
+    rows: int = typer.Option(2048, "--rows", min=1, help="Rows of each weight."),
+    cols: int = typer.Option(4096, "--cols", min=1, help="Columns of each weight (10 × 2048×4096 fp32 = 320 MiB)."),
+    method: str = typer.Option("sum", "--method", help="sum | ties | dare"),
+    threads: int = typer.Option(1, "--threads", min=0, help="torch threads in the merge child (0: torch's default)."),
+    repeat: int = typer.Option(1, "--repeat", min=1, help="Merges per dtype; the peak is the max, the time the min."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the figures to this JSON file."),
+) -> None:
+    """Peak RssAnon above idle of a streamed DSWM merge per input dtype, against 2 × largest tensor + 200 MiB."""
+    from clvr_agent.bench_merge import DTYPES, bench_merge, print_table
+    from clvr_agent.cli_common import fail
+
+    unknown = [d for d in dtype if d not in DTYPES]
+    if unknown:
+        fail(f"--dtype {unknown[0]!r} is not one of {', '.join(DTYPES)}")
+    if method not in ("sum", "ties", "dare"):
+        fail(f"--method {method!r} is unknown; use sum, ties or dare")
+    result = bench_merge(n_tensors=tensors, shape=(rows, cols), dtypes=dtype, repeat=repeat, method=method, threads=threads)
+    print_table(result)
+    _write_json(json_out, result)
+    if not result["pass"]:
+        raise typer.Exit(1)

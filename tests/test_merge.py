@@ -244,3 +244,29 @@ def test_report_diagnostics(tmp_path):
     assert rep["same"]["cast_rel_error"] < 1e-6  # fp32 storage keeps the delta
     # bf16 storage rounds a 1e-4 delta away on most entries: the report says so
     assert rep["tiny"]["cast_rel_error"] > 0.5 and rep["tiny"]["cosine"] is None
+
+
+@pytest.fixture(scope="module")
+def idle_rss_mib():
+    from clvr_agent.bench_merge import run_child
+
+    return run_child(["idle"])[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "float16"])  # bf16 takes fp16's path (a converting copy)
+def test_merge_child_keeps_inputs_out_of_anonymous_memory(tmp_path, idle_rss_mib, dtype):
+    """A merge child's peak RssAnon stays a few chunks above an idle child's, whatever the dtype: the
+    inputs (3 × 8 × 1024² here, 96 MiB in fp32) stay page cache. An fp32 merge that wrote into the
+    memory-mapped slices (``.float()`` is a no-op view for fp32) held every touched input page."""
+    from clvr_agent.bench_merge import MIB, run_child, write_checkpoints
+
+    largest = write_checkpoints(tmp_path, dtype, n_tensors=8, shape=(1024, 1024)) / MIB
+    inputs = [tmp_path / "base", tmp_path / "aligned.safetensors", tmp_path / "distilled.safetensors"]
+    total = sum(f.stat().st_size for f in [*(tmp_path / "base").glob("*.safetensors"), *inputs[1:]]) / MIB
+    chunk_elems = 1 << 16  # 256 KiB fp32 chunks: the working set is a few MiB
+    peak, _ = run_child([*map(str, inputs), str(tmp_path / "out"), "sum", "1", str(chunk_elems)])
+    above = peak - idle_rss_mib
+    assert above < 2 * largest + 24, f"{dtype}: peak RssAnon {above:.1f} MiB above idle for {total:.0f} MiB of inputs"
+    out = _load_out(tmp_path / "out")
+    assert len(out) == 16 and out["blocks.0.weight"].dtype == getattr(torch, dtype)
