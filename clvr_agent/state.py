@@ -10,7 +10,9 @@ from __future__ import annotations
 import operator
 import os
 import threading
-from typing import Annotated, Any, Optional, TypedDict
+from typing import Annotated, Any, Optional
+
+from typing_extensions import TypedDict  # pydantic (and the LangGraph server schema export) needs it on 3.11
 
 from pydantic import (
     AfterValidator,

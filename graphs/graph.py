@@ -7,16 +7,18 @@ per-process registry (or carries objects a Python caller handed in); the graph i
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Callable, Literal, Optional
 
 from langchain_core.runnables import RunnableLambda
 from langgraph.graph import END, START, StateGraph
-from langgraph.runtime import Runtime
+from langgraph.runtime import Runtime, get_runtime
 from langgraph.types import interrupt
 from PIL import Image
+from pydantic import ValidationError
 
-from clvr_agent.state import ClvrContext, ClvrInput, ClvrOutput, ClvrState, validate_prompt
+from clvr_agent.state import ClvrContext, ClvrInput, ClvrOutput, ClvrState, input_error, validate_prompt
 from clvr_agent.store import load_reference_image
 from clvr_agent.tools.base import Cancelled, ControllerOutputError, GenerationOutput
 from clvr_agent.types import Constraint, Correction, ExecutorRequest, ModelCall, Plan, Step, Trajectory
@@ -138,8 +140,19 @@ class ControllerCallError(RuntimeError):
 # ---------------------------------------------------------------- nodes
 
 
+def check_run_input(state: ClvrState) -> None:
+    """The input schema, applied to what reached the graph (a server or a bare graph does not
+    validate input itself): raises ValueError naming the field before any model runs."""
+    given = {k: state[k] for k in ClvrInput.model_fields if k in state}
+    try:
+        ClvrInput.model_validate(given)
+    except ValidationError as exc:
+        raise ValueError(input_error(exc)) from None
+
+
 def plan_prompt(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
     ctx = _ctx(runtime)
+    check_run_input(state)
     prompt = validate_prompt(state.get("prompt"), ctx.max_prompt_chars)
     seed = ctx.seed if state.get("seed") is None else state["seed"]
     init_refs = [ctx.store.put(load_reference_image(p)) for p in state.get("references") or []]
@@ -235,6 +248,23 @@ def generate_canvas(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
         "generate_s": out.seconds or calls.records[-1].seconds, "store_s": time.perf_counter() - t1}})
     runtime.stream_writer({"event": "node_end", "node": "generate", "step": index, "nfe": out.nfe})
     return {"steps": [step], "model_calls": calls.records}
+
+
+async def agenerate_canvas(state: ClvrState) -> dict:
+    """The async form of ``generate`` (LangGraph servers run graphs async): the draw runs in a
+    thread, and if the run is cancelled meanwhile the executor is told to stop after its current
+    denoising step, so a cancelled run frees the accelerator instead of finishing its drawing."""
+    runtime = get_runtime(ClvrContext)
+    draw = asyncio.ensure_future(asyncio.to_thread(generate_canvas, state, runtime))
+    try:
+        return await asyncio.shield(draw)
+    except asyncio.CancelledError:
+        _ctx(runtime).cancel()
+        await asyncio.wait([draw], timeout=CANCEL_GRACE_S)
+        raise
+
+
+CANCEL_GRACE_S = 60.0  # how long a cancelled run waits for its executor to reach a denoising step
 
 
 def verify_canvas(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
@@ -342,7 +372,8 @@ def build_graph(*, interactive: bool = False) -> StateGraph:
     """The uncompiled loop; ``interactive`` adds approval pauses after plan and before stop."""
     g = StateGraph(ClvrState, context_schema=ClvrContext, input_schema=ClvrInput, output_schema=ClvrOutput)
     g.add_node("plan", plan_prompt)
-    g.add_node("generate", generate_canvas)
+    g.add_node("generate", RunnableLambda(
+        lambda state: generate_canvas(state, get_runtime(ClvrContext)), afunc=agenerate_canvas, name="generate"))
     g.add_node("verify", verify_canvas)
     g.add_node("correct", correct_canvas)
     g.add_node("stop", stop_run)

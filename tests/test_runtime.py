@@ -128,3 +128,34 @@ def test_tracer_sees_nodes_and_model_calls_with_metadata(tmp_path):
     assert gen["clvr_prompt"] == PROMPT and gen["clvr_seed"] == 5 and gen["clvr_backend"] == "shapeworld"
     assert gen["clvr_iteration"] == 1 and gen["clvr_step"] == 0 and gen["langgraph_node"] == "generate"
     assert all("clvr" in t for _, _, t in model_runs)
+
+
+def test_cancelling_an_async_run_stops_its_executor(tmp_path):
+    """A LangGraph server cancels a run's task: the draw in flight must stop, not run to its end."""
+    import asyncio
+
+    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
+
+    class Watched(ShapeWorldExecutor):
+        ended = None
+
+        def generate(self, *a, **kw):
+            try:
+                return super().generate(*a, **kw)
+            finally:
+                Watched.ended = time.monotonic()
+
+    run = create_clvr(Watched(latency_s=30, denoise_steps=300), controller="shapeworld",
+                      artifact_dir=str(tmp_path))
+
+    async def main():
+        task = asyncio.ensure_future(run.ainvoke({"prompt": PROMPT}))
+        await asyncio.sleep(1.0)
+        t0 = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return t0
+
+    t0 = asyncio.run(main())
+    assert Watched.ended is not None and Watched.ended - t0 < 5  # one 0.1 s denoising step, not 29 s

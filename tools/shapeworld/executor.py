@@ -39,8 +39,14 @@ from clvr_agent.types import ExecutorRequest
 class ShapeWorldExecutor:
     name = "shapeworld"
 
-    def __init__(self, config: Optional[WorldConfig] = None) -> None:
+    def __init__(self, config: Optional[WorldConfig] = None, *, latency_s: float = 0.0, denoise_steps: int = 1) -> None:
+        """``latency_s`` rehearses a real model's wall time per call (spread over ``denoise_steps``
+        progress reports, cancellable between them): for server timeouts, cancel and concurrency
+        checks without a GPU. The drawing itself is unchanged."""
+        if latency_s < 0 or denoise_steps < 1:
+            raise ValueError("latency_s must be >= 0 and denoise_steps >= 1")
         self.config = config or WorldConfig()
+        self.latency_s, self.denoise_steps = float(latency_s), int(denoise_steps)
 
     def generate(
         self,
@@ -67,8 +73,11 @@ class ShapeWorldExecutor:
             applied.append(bool(ok and apply_op(op, objects, rng, self.config)))
         if not fresh and objects and rng.random() < self.config.edit_disturb:
             disturb(objects, ops, rng, self.config)
-        if progress is not None and progress(1, 1):
-            raise Cancelled("cancelled by the progress callback")
+        for i in range(1, self.denoise_steps + 1):
+            if self.latency_s:
+                time.sleep(self.latency_s / self.denoise_steps)
+            if progress is not None and progress(i, self.denoise_steps):
+                raise Cancelled("cancelled by the progress callback")
         scene = Scene([restyled(o, rng, self.config) for o in objects], noise_seed=int(rng.integers(2**31)))
         image = render(scene, noise=self.config.noise)
         return GenerationOutput(image=image, nfe=1, seconds=time.perf_counter() - t0,
