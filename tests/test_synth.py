@@ -37,9 +37,11 @@ def synth(out, backends, n=N, judge=None, controller=None, **kw):
 
 
 def records(out: Path, pattern: str = "data-*.jsonl") -> list[dict]:
-    """The kept records, without the wall-clock ``timings`` (the only field a rerun changes)."""
+    """The kept records, without the wall-clock ``timings`` and per-call seconds (all a rerun changes)."""
     recs = [json.loads(ln) for f in sorted(out.glob(pattern)) for ln in f.read_text().splitlines()]
     for rec in recs:
+        for call in rec.get("model_calls", []):
+            call.pop("seconds")
         for step in rec["steps"]:
             step.pop("timings")
     return recs
