@@ -5,12 +5,15 @@ Bad input is a one-line message and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 
 from clvr_agent.cli_common import controller_options, err, executor_options, fail
 
@@ -38,41 +41,66 @@ def generate(
     seed: int = typer.Option(0),
     reference_window: int = typer.Option(3, help="Recent canvases the executor sees."),
     reference: list[Path] = typer.Option([], "--reference", "-r", help="Starting image(s) to edit instead of drawing afresh."),
+    executor_option: list[str] = typer.Option(
+        [], "--executor-option", metavar="KEY=VALUE",
+        help="Extra executor option (JSON value), e.g. latency_s=0.5 for the ShapeWorld simulation."),
+    checkpointer: Optional[str] = typer.Option(
+        None, help="Where checkpoints live: a postgresql:// URL (default: checkpoints.sqlite in --out)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
-    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+    overwrite: bool = typer.Option(False, help="Replace the clvr run in --out (any other folder is refused)."),
     interactive: bool = typer.Option(False, help="Approve the plan, and the stop, at the terminal."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """Run the closed loop on PROMPT and write final.png, trajectory.json and trace.html to --out."""
-    from clvr_agent.runs import prepare_out_dir
+    """Run the closed loop on PROMPT and write final.png, trajectory.json and trace.html to --out.
+
+    A killed run continues with --resume, or with the same command again."""
+    from clvr_agent.state import ClvrInput, Settings, input_error, validate_prompt
 
     settings = dict(max_iterations=max_iterations, seed=seed, reference_window=reference_window,
                     steps=steps, guidance=guidance, height=height, width=width, interactive=interactive)
     try:
-        from clvr_agent.state import Settings, validate_prompt
-        from clvr_agent.store import load_reference_image
-
         cfg = Settings(**settings)
         prompt = validate_prompt(prompt, cfg.max_prompt_chars)
-        for path in reference:
-            load_reference_image(path)
-        if device == "cuda" and backend in ("flux2-klein", "clvr-mini") and not _cuda_available():
-            device = "cpu"
-        if backend == "clvr-mini" and dtype == "bfloat16" and device == "cpu":
-            dtype = "float32"
-        from clvr_agent.tools.registry import controller_names, executor_names
-
-        if backend not in executor_names():
-            fail(f"unknown backend {backend!r}; known: {', '.join(executor_names())}")
-        if controller is not None and controller not in controller_names():
-            fail(f"unknown controller {controller!r}; known: {', '.join(controller_names())}")
-        ex_opts = executor_options(backend, model, dtype, device, offload)
-        ctl_opts = controller_options(controller, vlm, base_url, model_name, dtype, device)
-        prepare_out_dir(out, resume=resume, overwrite=overwrite)
-    except (ValueError, FileNotFoundError) as exc:
+        refs = [str(p.resolve()) for p in reference]
+        inputs = ClvrInput(prompt=prompt, seed=seed, max_iterations=max_iterations, references=refs).model_dump()
+    except ValidationError as exc:
+        fail(input_error(exc))
+    except ValueError as exc:
         fail(str(exc).splitlines()[0])
-    refs = [str(p.resolve()) for p in reference]
-    _run_loop(prompt, out, backend, controller, ex_opts, ctl_opts, settings, resume, interactive, as_json, refs)
+    from clvr_agent.tools.registry import controller_names, executor_names
+
+    if backend not in executor_names():
+        fail(f"unknown backend {backend!r}; known: {', '.join(executor_names())}")
+    if controller is not None and controller not in controller_names():
+        fail(f"unknown controller {controller!r}; known: {', '.join(controller_names())}")
+    executor_options(backend, model, dtype, device, offload)  # its own one-line errors first
+    device, dtype = _check_device(backend, device, dtype)
+    ex_opts = {**executor_options(backend, model, dtype, device, offload), **_key_values(executor_option)}
+    ctl_opts = controller_options(controller, vlm, base_url, model_name, dtype, device)
+    _run_loop(out, backend, controller, ex_opts, ctl_opts, settings, inputs, checkpointer, resume, overwrite,
+              interactive, as_json)
+
+
+def _check_device(backend: str, device: str, dtype: str) -> tuple[str, str]:
+    """Real models on a device that is not there is an error, not a silent switch."""
+    if backend in ("flux2-klein", "clvr-mini") and device.startswith("cuda") and not _cuda_available():
+        if backend == "clvr-mini" and device == "cuda":  # the 10 MB model's documented default: CPU
+            return "cpu", "float32" if dtype == "bfloat16" else dtype
+        fail(f"--device {device}: no CUDA device is available; pass --device cpu")
+    return device, dtype
+
+
+def _key_values(items: list[str]) -> dict:
+    opts = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            fail(f"--executor-option {item!r}: expected KEY=VALUE")
+        try:
+            opts[key] = json.loads(raw)
+        except ValueError:
+            opts[key] = raw
+    return opts
 
 
 def _cuda_available() -> bool:
@@ -84,24 +112,41 @@ def _cuda_available() -> bool:
         return False
 
 
-def _run_loop(prompt, out, backend, controller, ex_opts, ctl_opts, settings, resume, interactive, as_json, refs):
+def _run_loop(out, backend, controller, ex_opts, ctl_opts, settings, inputs, checkpointer, resume, overwrite,
+              interactive, as_json):
     from clvr_agent.api import build_context, create_clvr
-    from clvr_agent.runs import final_state, open_checkpointer, stream_run
+    from clvr_agent.runs import (
+        RunFolderError, checkpointer_kind, describe_os_error, final_state, locked, open_checkpointer,
+        prepare_out_dir, stream_run,
+    )
+    from clvr_agent.store import ArtifactStore
     from clvr_agent.tools.registry import MissingDependencyError, UnknownBackendError
 
     try:  # models first: a backend that cannot load leaves --out as empty as it found it
         ctx = build_context(backend, controller=controller, executor_options=ex_opts, controller_options=ctl_opts,
-                            artifact_dir=str(out / "steps"), **settings)
-        runnable = create_clvr(checkpointer=open_checkpointer(out), context=ctx)
+                            **settings)
     except (UnknownBackendError, MissingDependencyError, FileNotFoundError, ValueError) as exc:
         fail(str(exc).splitlines()[0])
-    inputs = None if resume else {"prompt": prompt, "seed": settings["seed"],
-                                  "max_iterations": settings["max_iterations"], "references": refs}
-    with err.status("planning…") as status:
-        for mode, chunk in stream_run(runnable, out, inputs, on_interrupt=_ask if interactive else None):
-            if mode == "custom":
-                status.update(_describe(chunk))
-    values = final_state(runnable)
+    status = None
+    try:
+        kind = checkpointer_kind(checkpointer)
+        with locked(out):
+            manifest = prepare_out_dir(out, inputs=inputs, resume=resume, overwrite=overwrite, checkpointer=kind)
+            ctx._store = ArtifactStore(out / "steps", base=out)  # refs relative to --out: the folder can move
+            runnable = create_clvr(checkpointer=open_checkpointer(out, checkpointer), context=ctx)
+            with _terminate_as_interrupt(), err.status("planning…") as status:
+                for mode, chunk in stream_run(runnable, out, manifest["inputs"], thread_id=manifest["thread_id"],
+                                              on_interrupt=_ask if interactive else None):
+                    if mode == "custom":
+                        status.update(_describe(chunk))
+            values = final_state(runnable, manifest["thread_id"])
+    except RunFolderError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{describe_os_error(exc)}; the finished steps are kept: fix it and run the same command again")
+    except KeyboardInterrupt:
+        err.print(f"interrupted: the run is saved in {out}; run the same command again (or --resume) to continue")
+        raise typer.Exit(130)
     result = {"status": values.get("status"), "final_image": str(out / "final.png") if values.get("final_image") else None,
               "iterations": values.get("iterations"), "stop_reason": values.get("stop_reason"),
               "trajectory": str(out / "trajectory.json"), "trace": str(out / "trace.html")}
@@ -112,6 +157,19 @@ def _run_loop(prompt, out, backend, controller, ex_opts, ctl_opts, settings, res
         typer.echo(f"final image: {result['final_image']}\ntrace: {result['trace']}")
     if result["status"] == "failed":
         raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler or `kill`) ends the run as Ctrl-C does: outputs written, resumable."""
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _describe(event: dict) -> str:

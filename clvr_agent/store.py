@@ -18,8 +18,12 @@ from clvr_agent.types import ImageRef
 
 
 class ArtifactStore:
-    def __init__(self, root: str | os.PathLike):
+    """PNG files under ``root``. With ``base`` (a run folder), the refs it returns hold paths
+    relative to ``base`` (``steps/<sha256>.png``), so the folder can be moved or copied whole."""
+
+    def __init__(self, root: str | os.PathLike, base: str | os.PathLike | None = None):
         self.root = Path(root)
+        self.base = Path(base).resolve() if base is not None else None
 
     def put(self, image: Image.Image) -> ImageRef:
         """Encode ``image`` as PNG and store it under its sha256; idempotent for equal pixels."""
@@ -39,17 +43,18 @@ class ArtifactStore:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
+        full = path.resolve()
         return ImageRef(
-            path=str(path.resolve()),
+            path=os.path.relpath(full, self.base) if self.base is not None else str(full),
             sha256=digest,
             width=image.width,
             height=image.height,
             size_bytes=len(data),
         )
 
-    @staticmethod
-    def load(ref: ImageRef) -> Image.Image:
-        return ref.open()
+    def path_of(self, ref: ImageRef) -> Path:
+        """The file behind ``ref``, wherever this store's folder now is."""
+        return Path(ref.resolved(str(self.base) if self.base is not None else None))
 
 
 def load_reference_image(path: str | os.PathLike) -> Image.Image:

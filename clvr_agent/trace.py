@@ -32,7 +32,8 @@ table{border-collapse:collapse} td{padding:1px 8px 1px 0;vertical-align:top}
 def _img(ref: ImageRef | None, base: Path, cls: str = "") -> str:
     if ref is None:
         return "<em>no canvas</em>"
-    rel = os.path.relpath(ref.path, base)
+    # a run folder's refs are already relative to the folder the page lives in
+    rel = os.path.relpath(ref.path, base) if os.path.isabs(ref.path) else ref.path
     return f'<img class="{cls}" src="{html.escape(rel)}" alt="{ref.sha256[:12]}" title="{ref.sha256[:12]}">'
 
 

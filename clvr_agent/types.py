@@ -7,6 +7,8 @@ Everything here is plain, serializable pydantic data. Images never appear as pix
 
 from __future__ import annotations
 
+import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -24,8 +26,14 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
+# Where relative ImageRef paths resolve: a run folder's store writes paths relative to the folder
+# (so it can move), and the graph sets this for the duration of each node.
+IMAGE_ROOT: ContextVar[Optional[str]] = ContextVar("clvr_image_root", default=None)
+
+
 class ImageRef(_Record):
-    """A PNG in the artifact store, named by the sha256 of its bytes."""
+    """A PNG in the artifact store, named by the sha256 of its bytes. ``path`` is absolute, or
+    relative to the run folder (then resolved against :data:`IMAGE_ROOT`)."""
 
     path: str
     sha256: str
@@ -37,8 +45,15 @@ class ImageRef(_Record):
         """Load the pixels (PIL, RGB). Only tools call this; state never holds the result."""
         from PIL import Image
 
-        with Image.open(self.path) as im:
+        with Image.open(self.resolved()) as im:
             return im.convert("RGB")
+
+    def resolved(self, root: Optional[str] = None) -> str:
+        """The file's path: relative paths are joined to ``root`` (default: :data:`IMAGE_ROOT`)."""
+        if os.path.isabs(self.path):
+            return self.path
+        base = root if root is not None else IMAGE_ROOT.get()
+        return os.path.join(base, self.path) if base else self.path
 
     @property
     def name(self) -> str:

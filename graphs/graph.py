@@ -21,16 +21,19 @@ from pydantic import ValidationError
 from clvr_agent.state import ClvrContext, ClvrInput, ClvrOutput, ClvrState, input_error, validate_prompt
 from clvr_agent.store import load_reference_image
 from clvr_agent.tools.base import Cancelled, ControllerOutputError, GenerationOutput
-from clvr_agent.types import Constraint, Correction, ExecutorRequest, ModelCall, Plan, Step, Trajectory
+from clvr_agent.types import IMAGE_ROOT, Constraint, Correction, ExecutorRequest, ModelCall, Plan, Step, Trajectory
 
 # ---------------------------------------------------------------- helpers
 
 
 def _ctx(runtime: Runtime) -> ClvrContext:
-    """The run's configuration; a graph invoked with no context at all runs the schema's defaults."""
-    if runtime.context is None:
-        return ClvrContext()
-    return runtime.context
+    """The run's configuration; a graph invoked with no context at all runs the schema's defaults.
+
+    Also points relative image paths (a run folder's store) at that folder for this node."""
+    ctx = ClvrContext() if runtime.context is None else runtime.context
+    if ctx.store.base is not None:
+        IMAGE_ROOT.set(str(ctx.store.base))
+    return ctx
 
 
 def step_seed(seed: int, index: int) -> int:
