@@ -81,6 +81,7 @@ def sft_vlm(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (model + checkpoints)."),
     lora: bool = typer.Option(False, "--lora/--full", help="LoRA on the language model, or a full fine-tune."),
     lora_rank: int = typer.Option(16, help="LoRA rank (with --lora)."),
+    train_vision: bool = typer.Option(False, help="With --full: also train the vision tower (a model trained from scratch needs it)."),
     dialogue: str = typer.Option("calls", help="calls (one per controller call, as the controller sends it) | trajectory (multi-turn)."),
     max_steps: int = typer.Option(1000, help="Optimizer steps."),
     batch_size: int = typer.Option(4, help="Conversations per step per process."),
@@ -101,7 +102,7 @@ def sft_vlm(
         config = SFTVLMConfig(
             output_dir=str(out), dialogue=dialogue, max_steps=max_steps, batch_size=batch_size,
             gradient_accumulation_steps=grad_accum, learning_rate=learning_rate,
-            lora_rank=lora_rank if lora else 0, image_size=image_size, max_length=max_length,
+            lora_rank=lora_rank if lora else 0, train_vision=train_vision, image_size=image_size, max_length=max_length,
             mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, seed=seed, resume=resume,
         )
         dataset = TrajectoryDialogueDataset.from_path(data, dialogue=config.dialogue, image_size=config.image_size,
