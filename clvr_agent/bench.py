@@ -6,9 +6,11 @@ measured in the same process, interleaved, over ``repeat`` rounds (the median is
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -196,3 +198,62 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "eval-throughput": lambda repeat=60: bench_eval_throughput(n=repeat),
     "gpu": lambda repeat=1: bench_gpu(),
 }
+
+
+def bench_concurrency(url: str, levels: tuple[int, ...] = (1, 4, 16, 64), latency_s: float = 0.5,
+                      rounds: int = 2) -> dict:
+    """Concurrent durable runs through one PostgreSQL checkpointer, as one LangGraph worker holds them.
+
+    Each level starts ``n`` runs at once (threads; a connection pool of ``n``), ``rounds`` times.
+    The executor is ShapeWorld with ``latency_s`` per call (a sleep standing in for a GPU draw), so
+    what saturates is the orchestration, the checkpoint writes and the controller's CPU work, not a
+    model. A level is "held" when no run fails and its p95 run time stays within 1.5x of one run alone.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from langgraph.checkpoint.postgres import PostgresSaver
+    from psycopg.rows import dict_row
+    from psycopg_pool import ConnectionPool
+
+    from clvr_agent.api import create_clvr
+    from clvr_agent.state import checkpoint_serde
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, ConnectionPool(
+            url, min_size=1, max_size=max(levels) + 1, open=True,
+            kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row}) as pool:
+        saver = PostgresSaver(pool, serde=checkpoint_serde())
+        saver.setup()
+        runnable = create_clvr("shapeworld", checkpointer=saver, artifact_dir=tmp,
+                               executor_options={"latency_s": latency_s, "denoise_steps": 4})
+
+        def one(seed: int) -> tuple[str, float, int]:
+            t0 = time.perf_counter()
+            cfg = {"configurable": {"thread_id": f"bench-{uuid.uuid4()}"}}
+            try:
+                out = runnable.invoke({"prompt": LOOP_PROMPT, "seed": seed}, cfg, durability="sync")
+                return out["status"], time.perf_counter() - t0, len(out["trajectory"]["steps"])
+            except Exception as exc:  # counted, not hidden: a failed run makes the level not held
+                return f"error: {type(exc).__name__}", time.perf_counter() - t0, 0
+
+        one(10**6)  # warm-up: models built, pool connected, tables cached
+        for n in levels:
+            results = []
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(n) as workers:
+                for r in range(max(rounds, -(-8 // n))):  # at least 8 runs per level
+                    results += list(workers.map(one, range(r * n, (r + 1) * n)))
+            wall = time.perf_counter() - t0
+            per_call = [s / max(k, 1) for _, s, k in results]  # seconds per executor call, run by run
+            rows.append({"concurrent": n, "runs": len(results),
+                         "failed": sum(not st.startswith(("satisfied", "budget", "no_progress")) for st, _, _ in results),
+                         "wall_s": wall, "runs_per_s": len(results) / wall,
+                         "median_s_per_step": statistics.median(per_call),
+                         "p95_s_per_step": sorted(per_call)[math.ceil(0.95 * len(per_call)) - 1]})
+    alone = rows[0]["median_s_per_step"]
+    for row in rows:
+        row["p95_over_alone"] = row["p95_s_per_step"] / alone
+        row["held"] = row["failed"] == 0 and row["p95_over_alone"] <= 1.5
+    held = [r["concurrent"] for r in rows if r["held"]]
+    return {"bench": "concurrency", "checkpointer": "postgres", "latency_s": latency_s, "rounds": rounds,
+            "rows": rows, "max_concurrent_held": max(held) if held else 0}

@@ -86,3 +86,34 @@ def merge(
     _write_json(json_out, result)
     if not result["pass"]:
         raise typer.Exit(1)
+
+
+@bench_app.command("concurrency")
+def concurrency(
+    checkpointer: str = typer.Option(..., help="A postgresql:// URL (the database the runs checkpoint to)."),
+    levels: str = typer.Option("1,4,16,64", help="Concurrent runs per level, comma-separated."),
+    latency: float = typer.Option(0.5, min=0.0, help="Seconds per executor call (ShapeWorld's simulated draw)."),
+    rounds: int = typer.Option(2, min=1, help="Batches of concurrent runs per level."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the figures to this JSON file."),
+) -> None:
+    """Concurrent durable runs on one PostgreSQL checkpointer: throughput and per-step latency by level."""
+    from clvr_agent.bench import bench_concurrency
+    from clvr_agent.cli_common import fail
+
+    try:
+        counts = tuple(int(x) for x in levels.split(","))
+    except ValueError:
+        fail(f"--levels must be comma-separated integers, got {levels!r}")
+    if not checkpointer.startswith(("postgresql://", "postgres://")) or min(counts) < 1:
+        fail("--checkpointer must be a postgresql:// URL and every level >= 1")
+    result = bench_concurrency(checkpointer, counts, latency_s=latency, rounds=rounds)
+    table = Table(title="clvr bench concurrency (PostgreSQL checkpointer)")
+    for col in ("concurrent", "runs", "failed", "runs/s", "median s/step", "p95 s/step", "p95 / alone", "held"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        table.add_row(str(r["concurrent"]), str(r["runs"]), str(r["failed"]), f"{r['runs_per_s']:.2f}",
+                      f"{r['median_s_per_step']:.3f}", f"{r['p95_s_per_step']:.3f}", f"{r['p95_over_alone']:.2f}",
+                      "yes" if r["held"] else "no")
+    Console().print(table)
+    Console().print(f"max concurrent runs held: {result['max_concurrent_held']}")
+    _write_json(json_out, result)
