@@ -21,6 +21,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="CLVR: closed-loop verified reasoning for text-to-image.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"clvr-agent {version('clvr-agent')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the installed version and exit.")) -> None:
+    pass
+
+
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="What the image must show."),
@@ -251,8 +265,8 @@ def merge(
 
 
 def _mount_subcommands() -> None:
-    """Sub-apps live beside their code: eval/probe, bench, train, synth."""
-    from clvr_agent import cli_bench, cli_data, cli_eval, cli_train
+    """Sub-apps live beside their code: eval/probe, bench, train, synth, mcp."""
+    from clvr_agent import cli_bench, cli_data, cli_eval, cli_train, mcp_server
 
     app.add_typer(cli_eval.eval_app, name="eval")
     app.add_typer(cli_bench.bench_app, name="bench")
@@ -260,6 +274,7 @@ def _mount_subcommands() -> None:
     cli_eval.register(app)
     cli_data.register(app)
     cli_data.register_train(cli_train.train_app)
+    mcp_server.register(app)
 
 
 _mount_subcommands()
