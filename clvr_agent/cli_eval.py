@@ -61,6 +61,40 @@ def eval_shapeworld_cmd(
     typer.echo(json.dumps(summary, indent=2))
 
 
+@eval_app.command("controller")
+def eval_controller_cmd(
+    controller: str = typer.Option("qwen3-vl", help="Controller under test: qwen3-vl, shapeworld or chat-model."),
+    vlm: Optional[str] = typer.Option(None, help="--controller qwen3-vl: hub id, folder or shipped name (clvr-mini-vlm)."),
+    n: int = typer.Option(300, min=1, help="Held-out prompts for the loops, spread over the six GenEval tags."),
+    calls_n: int = typer.Option(60, min=0, help="Prompts whose oracle calls are put to the controller (plan/check/verify/correct)."),
+    seed: int = typer.Option(100, help="Prompt seed (training data used other seeds)."),
+    out: Path = typer.Option(Path("eval-controller"), "--out", "-o"),
+    backend: str = typer.Option("shapeworld", help="Executor: shapeworld or clvr-mini."),
+    max_iterations: int = typer.Option(8),
+    dtype: str = typer.Option("float32", help="torch dtype of the VLM."),
+    device: str = typer.Option("cpu", help="torch device of the VLM."),
+    base_url: Optional[str] = typer.Option(None, help="--controller chat-model: OpenAI-compatible server."),
+    model_name: Optional[str] = typer.Option(None, help="--controller chat-model: the served model."),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """A controller as planner, verifier and loop driver vs the oracle and single step → summary.json, table.md."""
+    from clvr_agent.cli_common import controller_options
+    from clvr_agent.controller_eval import eval_controller
+    from clvr_agent.tools.registry import MissingDependencyError, UnknownBackendError, get_controller
+
+    if calls_n > n:
+        _fail(f"--calls-n {calls_n} is more than --n {n}")
+    _out_ok(out, overwrite)
+    try:
+        ctl = get_controller(controller, **controller_options(controller, vlm, base_url, model_name, dtype, device))
+        summary = eval_controller(ctl, vlm or controller, n=n, calls_n=calls_n, seed=seed, out_dir=out,
+                                  backend=backend, max_iterations=max_iterations)
+    except (UnknownBackendError, MissingDependencyError, FileNotFoundError, OSError, ValueError) as exc:
+        _fail(str(exc).splitlines()[0])
+    typer.echo((out / "table.md").read_text())
+    typer.echo(f"wrote {out / 'summary.json'} and {out / 'table.md'}")
+
+
 @eval_app.command("score")
 def score_cmd(
     images: Path = typer.Option(..., help="A GenEval-layout folder (each prompt folder has metadata.jsonl)."),

@@ -1,0 +1,54 @@
+"""`clvr eval controller`: the oracle measured against itself scores 1, a yes-sayer is caught."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from typer.testing import CliRunner
+
+from clvr_agent.controller_eval import eval_controller
+from clvr_agent.tools.shapeworld.controller import ShapeWorldController
+from clvr_agent.types import ConstraintResult, Verdict
+
+
+class YesSayer(ShapeWorldController):
+    """Plans and corrects like the oracle but calls every canvas satisfied."""
+
+    def verify(self, prompt, plan, canvas, history):
+        return Verdict(satisfied=True, score=1.0, summary="every clause holds",
+                       constraints=[ConstraintResult(id=c.id, satisfied=True) for c in plan.constraints])
+
+
+def test_the_oracle_agrees_with_itself_and_the_loop_beats_single_step(tmp_path):
+    s = eval_controller(ShapeWorldController(), "oracle", n=12, calls_n=6, seed=3, out_dir=tmp_path, progress=False)
+    c = s["calls"]
+    assert c["plan_exact"] == c["verify_constraint_agreement"] == c["check_agreement"] == 1.0
+    assert c["satisfied_precision"] == c["satisfied_recall"] == 1.0
+    assert c["counts"]["plan"] == 6 and c["counts"]["verify"] >= 6
+    assert s["loops"]["learned"]["overall"] == s["loops"]["oracle"]["overall"] == 1.0
+    assert s["loops"]["single"]["overall"] < 1.0
+    assert (tmp_path / "table.md").read_text().count("\n| ") >= 10
+    rows = [json.loads(ln) for ln in (tmp_path / "loops.jsonl").read_text().splitlines()]
+    assert {r["mode"] for r in rows} == {"single", "oracle", "learned"} and len(rows) == 36
+
+
+def test_a_controller_that_always_says_satisfied_is_caught(tmp_path):
+    s = eval_controller(YesSayer(), "yes", n=12, calls_n=12, seed=3, out_dir=tmp_path, progress=False)
+    c = s["calls"]
+    assert c["satisfied_recall"] == 1.0
+    assert c["satisfied_precision"] == c["truly_satisfied_fraction"] < 1.0
+    assert c["verify_constraint_agreement"] < 1.0
+    # it stops after the first canvas: one iteration per prompt, and no better than single step
+    assert s["loops"]["learned"]["mean_iterations"] == 1.0
+    assert s["loops"]["learned"]["overall"] < s["loops"]["oracle"]["overall"]
+
+
+def test_cli_rejects_more_call_prompts_than_prompts(tmp_path):
+    from clvr_agent.cli_eval import eval_app
+
+    app = typer.Typer()
+    app.add_typer(eval_app, name="eval")
+    res = CliRunner().invoke(app, ["eval", "controller", "--controller", "shapeworld", "--n", "3", "--calls-n", "5",
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--calls-n 5 is more than --n 3" in res.output
