@@ -8,9 +8,9 @@ import uuid
 from typing import Any, AsyncIterator, Iterator, Optional, Union
 
 from langchain_core.runnables import Runnable, RunnableBinding
-from langchain_core.tools import BaseTool, StructuredTool
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 
+from clvr_agent.agent_tool import clvr_tool, summarize_result  # noqa: F401 - re-exported (0.1 import path)
 from clvr_agent.state import ClvrContext, ClvrInput, input_error
 from clvr_agent.tools.base import Controller, Executor
 from clvr_agent.tools.registry import controller_names, executor_names
@@ -184,44 +184,3 @@ class ClvrRunnable(RunnableBinding):
         for run in runs:
             run.cancel()
         return len(runs)
-
-
-class ClvrToolInput(BaseModel):
-    prompt: str = Field(description="What the image must show; every object, count, colour and relation.")
-    seed: Optional[int] = Field(None, description="Seed for a reproducible image.")
-
-
-def summarize_result(result: dict) -> str:
-    """One compact line for an agent: status, final image, iterations, unmet constraints."""
-    traj = result.get("trajectory") or {}
-    unmet: list[str] = []
-    scored = [s for s in traj.get("steps", []) if s.get("verdict") and s.get("canvas")]
-    final = result.get("final_image")
-    for s in scored:
-        if s["canvas"]["path"] == final:
-            unmet = [c["detail"] or c["id"] for c in s["verdict"]["constraints"] if not c["satisfied"]]
-    text = f"status={result.get('status')} image={final} iterations={result.get('iterations')}"
-    return text + (f" unmet: {'; '.join(unmet)}" if unmet else "")
-
-
-def clvr_tool(runnable: Optional[Runnable] = None, **settings: Any) -> BaseTool:
-    """A LangChain tool that draws an image with the CLVR loop and returns a compact result."""
-    loop = runnable or create_clvr(**settings)
-
-    def draw(prompt: str, seed: Optional[int] = None) -> str:
-        inp: dict = {"prompt": prompt}
-        if seed is not None:
-            inp["seed"] = seed
-        return summarize_result(loop.invoke(inp))
-
-    async def adraw(prompt: str, seed: Optional[int] = None) -> str:
-        inp: dict = {"prompt": prompt}
-        if seed is not None:
-            inp["seed"] = seed
-        return summarize_result(await loop.ainvoke(inp))
-
-    return StructuredTool.from_function(
-        func=draw, coroutine=adraw, name="clvr_generate_image", args_schema=ClvrToolInput,
-        description="Generate an image that satisfies a detailed prompt by planning, drawing, verifying "
-        "and correcting it in a loop. Returns the image path, status and any unmet constraints.",
-    )
