@@ -23,7 +23,8 @@ from clvr_agent.eval_geneval import (
 from clvr_agent.geneval import COLORS, Detection, evaluate_image, load_object_names, load_official_metadata
 from clvr_agent.geneval import select_detections
 from clvr_agent.tools.clip_color import TEMPLATES, ClipColorClassifier, crop_on_grey
-from clvr_agent.tools.mask2former_detector import Mask2FormerDetector, geneval_names, mask_to_box
+from clvr_agent.tools import mask2former_detector
+from clvr_agent.tools.mask2former_detector import Mask2FormerDetector, geneval_names, mask_to_box, rescaled_size
 
 # detectron2/transformers spelling of the COCO things (what the hub checkpoints' id2label holds).
 DETECTRON2_NAMES = [{"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}.get(n, n)
@@ -112,6 +113,13 @@ def clip(model_dirs):
     return ClipColorClassifier.from_pretrained(str(model_dirs["clip"]), device="cpu")
 
 
+@pytest.fixture
+def small_test_scale(monkeypatch):
+    """mmdet's resize/pad chain at (longest 128, shortest 64) instead of (1333, 800): the tiny detector
+    costs ~2 s per image at 800² on this CPU. test_detector_uses_mmdet_test_size pins the real scale."""
+    monkeypatch.setattr(mask2former_detector, "TEST_SCALE", (128, 64))
+
+
 def _noise(w=80, h=96, seed=0):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
@@ -134,6 +142,36 @@ def test_labels_map_to_geneval_names():
         geneval_names(dict(enumerate(DETECTRON2_NAMES[:79] + ["wall"])))
 
 
+def test_rescaled_size_is_mmcv_keep_ratio_rescale():
+    assert rescaled_size(1024, 1024) == (800, 800)  # (height, width): the shortest edge to 800
+    assert rescaled_size(1024, 768) == (800, 1067)  # 1024 × 800/768 = 1066.7, rounded half up
+    assert rescaled_size(90, 400) == (1333, 300)  # tall: the longest edge caps at 1333
+    assert mask2former_detector.padded_size(800, 1067) == (800, 1088)
+
+
+def test_detector_uses_mmdet_test_size_not_the_processor_size(model_dirs):
+    """The folder's processor says shortest 64 / longest 128 (the published ones 384²); the detector
+    resizes to mmdet's test scale (1333, 800) keep-ratio and pads to 32, normalizing as the processor does."""
+    detector = Mask2FormerDetector.from_pretrained(str(model_dirs["m2f_bench"]), device="cpu")
+    assert detector.test_scale == (1333, 800) and detector.processor.size["shortest_edge"] == 64
+    colour = (200, 40, 120)
+    image = Image.new("RGB", (256, 192), colour)  # 4:3 → 1067 × 800, padded to 1088 × 800
+    seen = []
+    hook = detector.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["pixel_values"]), with_kwargs=True)
+    try:
+        dets = detector(image)
+    finally:
+        hook.remove()
+    (pixels,) = seen
+    assert pixels.shape == (1, 3, 800, 1088)
+    proc = detector.processor
+    want = (torch.tensor(colour) / 255 - torch.tensor(proc.image_mean)) / torch.tensor(proc.image_std)
+    torch.testing.assert_close(pixels[0, :, :800, :1067], want[:, None, None].expand(3, 800, 1067))
+    assert pixels[0, :, :, 1067:].abs().max() == 0  # zero padding on the right, after normalization
+    assert dets and all(d.mask.shape == (192, 256) for d in dets)  # masks come back at the image's size
+
+
+@pytest.mark.usefixtures("small_test_scale")
 def test_detector_from_folder_gives_mask_boxes_and_feeds_the_rules(model_dirs):
     detector = Mask2FormerDetector.from_pretrained(str(model_dirs["m2f_bench"]), device="cpu")
     image = _noise()  # 80 wide, 96 high: not square, so the crop/resize chain is exercised
@@ -276,6 +314,7 @@ def test_shards_merge_into_the_full_set(tmp_path):
             parse_shard(bad)
 
 
+@pytest.mark.usefixtures("small_test_scale")
 def test_score_writes_official_fields(tmp_path, model_dirs):
     generate_geneval(tmp_path, _seed_sampler([]), samples=2, limit=2)
     detector = Mask2FormerDetector.from_pretrained(str(model_dirs["m2f_bench"]), device="cpu")
@@ -289,6 +328,7 @@ def test_score_writes_official_fields(tmp_path, model_dirs):
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
 
+@pytest.mark.usefixtures("small_test_scale")
 def test_loop_mode_writes_the_loop_final_image(tmp_path, model_dirs):
     from clvr_agent.tools.flux2_klein import Flux2KleinExecutor
     from clvr_agent.tools.scripted import ScriptedController
@@ -315,6 +355,7 @@ def _app():
     return app
 
 
+@pytest.mark.usefixtures("small_test_scale")
 def test_cli_geneval_end_to_end(tmp_path, model_dirs):
     out = tmp_path / "geneval"
     args = ["geneval", "--backend", "flux2-klein", "--model", str(model_dirs["klein"]), "--detector", "mask2former",

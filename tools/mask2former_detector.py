@@ -9,6 +9,12 @@ the top-100 (query, class) pairs by class probability, masks binarized at logit 
 resolution*, score = class probability × mean mask probability inside the mask, box = the mask's
 extent. transformers' ``post_process_instance_segmentation`` computes the same scores but binarizes at
 a fixed 384² and upsamples the binary mask with nearest-neighbour, which moves boxes on 1024² images.
+
+Pre-processing is mmdet's test pipeline for that config, not the checkpoint processor's own size (384²
+in the published facebook processors): ``Resize(img_scale=(1333, 800), keep_ratio=True)`` — the
+shortest edge to 800 unless the longest would pass 1333 — then ``Normalize`` (ImageNet mean/std, the
+processor's) and ``Pad(size_divisor=32)`` on the bottom/right. Small objects and counts (threshold 0.9)
+depend on it.
 """
 
 from __future__ import annotations
@@ -17,12 +23,16 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from clvr_agent.geneval import MAX_OBJECTS, THRESHOLD, Detection, load_object_names
 
 # mmdet's test_cfg.max_per_image for this config (and the number of queries).
 MAX_PER_IMAGE = 100
+# mmdet's test pipeline: Resize(img_scale=(1333, 800), keep_ratio=True), Pad(size_divisor=32).
+TEST_SCALE = (1333, 800)  # (longest edge, shortest edge)
+SIZE_DIVISOR = 32
 # detectron2/transformers spell three COCO classes differently from GenEval's object_names.txt.
 LABEL_ALIASES = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
 
@@ -40,6 +50,19 @@ def geneval_names(id2label: dict, names: Optional[Sequence[str]] = None) -> list
             f"{missing[:5]}); use a COCO *instance* checkpoint such as facebook/mask2former-swin-small-coco-instance"
         )
     return mapped
+
+
+def rescaled_size(width: int, height: int, scale: tuple[int, int] = TEST_SCALE) -> tuple[int, int]:
+    """(height, width) after mmcv's keep-ratio rescale to ``scale`` = (long, short):
+    factor = min(long / max(h, w), short / min(h, w)), each side rounded half up (``rescale_size``)."""
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def padded_size(height: int, width: int, divisor: int = SIZE_DIVISOR) -> tuple[int, int]:
+    """(height, width) padded up to multiples of ``divisor`` (mmdet's ``Pad(size_divisor=32)``)."""
+    return -(-height // divisor) * divisor, -(-width // divisor) * divisor
 
 
 def mask_to_box(mask: np.ndarray) -> tuple[float, float, float, float]:
@@ -60,10 +83,34 @@ class Mask2FormerDetector:
     and order, so the verdict is as if every detection were passed on.
     """
 
-    def __init__(self, model, processor, *, names: Optional[Sequence[str]] = None):
+    def __init__(
+        self, model, processor, *, names: Optional[Sequence[str]] = None, test_scale: Optional[tuple[int, int]] = None
+    ):
+        """``test_scale`` = (longest, shortest) edge of the test-time resize; default ``TEST_SCALE``,
+        mmdet's (1333, 800)."""
+        test_scale = TEST_SCALE if test_scale is None else test_scale
+        if min(test_scale) < SIZE_DIVISOR:
+            raise ValueError(f"test_scale {test_scale} must have both edges ≥ {SIZE_DIVISOR}")
         self.model = model.eval()
         self.processor = processor
+        self.test_scale = tuple(test_scale)
         self.names = geneval_names(model.config.id2label, names)
+
+    def preprocess(self, image: Image.Image) -> dict:
+        """``pixel_values`` (1, 3, H', W') and ``pixel_mask`` (1, H', W') as mmdet's test pipeline makes
+        them: the keep-ratio resize to ``test_scale`` (bilinear without antialiasing, rounded to uint8,
+        as mmcv's cv2 ``imrescale``), the processor's normalization, zero padding to multiples of 32."""
+        h, w = rescaled_size(*image.size, self.test_scale)
+        ph, pw = padded_size(h, w)
+        pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+        pixels = F.interpolate(pixels, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
+        resized = pixels.round_().clamp_(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()  # (h, w, 3)
+        values = self.processor(images=resized, do_resize=False, return_tensors="pt")["pixel_values"]  # (1, 3, h, w)
+        if values.shape[-2:] != (h, w):
+            raise ValueError(f"the image processor changed the {w}×{h} input to {tuple(values.shape[-2:])}")
+        pixel_mask = torch.zeros(1, ph, pw, dtype=torch.int64)
+        pixel_mask[:, :h, :w] = 1
+        return {"pixel_values": F.pad(values, (0, pw - w, 0, ph - h)), "pixel_mask": pixel_mask}
 
     @classmethod
     def from_pretrained(
@@ -85,7 +132,7 @@ class Mask2FormerDetector:
         image = image.convert("RGB")
         width, height = image.size
         param = next(self.model.parameters())
-        inputs = self.processor(images=image, return_tensors="pt")
+        inputs = self.preprocess(image)
         pixel_values = inputs["pixel_values"].to(param.device, param.dtype)
         out = self.model(pixel_values=pixel_values)
         cls_logits = out.class_queries_logits[0].float()  # (Q, K + 1), last = no object
@@ -93,19 +140,21 @@ class Mask2FormerDetector:
 
         # The padded input, cropped to the resized image, then resized to the original (mmdet's chain).
         in_h, in_w = pixel_values.shape[-2:]
-        valid = inputs["pixel_mask"][0] if "pixel_mask" in inputs else torch.ones(in_h, in_w)
+        valid = inputs["pixel_mask"][0]
         valid_h, valid_w = int(valid.any(dim=1).sum()), int(valid.any(dim=0).sum())
         num_classes = cls_logits.shape[-1] - 1
         probs = cls_logits.softmax(-1)[:, :-1]  # (Q, K)
         scores, flat = probs.flatten().topk(min(MAX_PER_IMAGE, probs.numel()))
         labels, queries = flat % num_classes, flat // num_classes
-        logits = mask_logits[queries][None]  # (1, N, h, w)
-        logits = torch.nn.functional.interpolate(logits, size=(in_h, in_w), mode="bilinear", align_corners=False)
+        # A query's mask does not depend on the class it is paired with: upsample each query once.
+        unique, pair_query = queries.unique(return_inverse=True)
+        logits = mask_logits[unique][None]  # (1, U, h, w)
+        logits = F.interpolate(logits, size=(in_h, in_w), mode="bilinear", align_corners=False)
         logits = logits[..., :valid_h, :valid_w]
-        logits = torch.nn.functional.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0]
-        binary = logits > 0  # (N, H, W)
+        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0]
+        binary = logits > 0  # (U, H, W)
         mask_scores = (logits.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-        det_scores = (scores * mask_scores).tolist()
+        det_scores = (scores * mask_scores[pair_query]).tolist()
 
         detections: list[Detection] = []
         per_class: dict[str, int] = {}
@@ -115,5 +164,6 @@ class Mask2FormerDetector:
             if det_scores[i] <= THRESHOLD or per_class.get(name, 0) >= MAX_OBJECTS:
                 continue
             per_class[name] = per_class.get(name, 0) + 1
-            detections.append(Detection(name, mask_to_box(masks[i]), det_scores[i], mask=masks[i]))
+            mask = masks[int(pair_query[i])]
+            detections.append(Detection(name, mask_to_box(mask), det_scores[i], mask=mask))
         return detections
