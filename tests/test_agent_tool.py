@@ -154,3 +154,24 @@ def test_bad_tool_options_fail_at_construction(loop):
         clvr_tool(loop, response_format="artifact")
     with pytest.raises(ValueError, match="max_iterations"):
         clvr_tool(loop, max_iterations=3)
+
+
+def readme_block(section: str, lang: str = "python", index: int = 0) -> str:
+    """A fenced code block of a README section, verbatim."""
+    import re
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 1)
+    return re.findall(rf"```{lang}\n(.*?)```", text[start:end], re.S)[index]
+
+
+def test_the_readme_agent_example_runs_as_written(tmp_path):
+    import subprocess
+    import sys
+
+    code = readme_block("Use it as a tool in an agent")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second = proc.stdout.splitlines()
+    assert first.startswith("status=satisfied image=") and second.startswith("image/png satisfied ")

@@ -251,3 +251,37 @@ def test_version_is_the_installed_distribution():
     proc = subprocess.run([sys.executable, "-m", "clvr_agent.cli", "--version"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout == f"clvr-agent {version('clvr-agent')}\n"
+
+
+def test_the_readme_mcp_client_example_runs_as_written(tmp_path):
+    import shutil
+
+    from tests.test_agent_tool import readme_block
+
+    if shutil.which("clvr") is None:
+        pytest.skip("the clvr script is not on PATH")
+    code = readme_block("Use it from any MCP client")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=ENV,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("status=") and "| unmet:" in proc.stdout
+    assert Image.open(tmp_path / "mcp.png").size == (256, 256)
+
+
+def test_the_readme_client_config_starts_the_server():
+    import json
+    import shutil
+
+    from tests.test_agent_tool import readme_block
+
+    config = json.loads(readme_block("Use it from any MCP client", "json"))["mcpServers"]["clvr"]
+    if shutil.which(config["command"]) is None:
+        pytest.skip("the clvr script is not on PATH")
+
+    async def main() -> None:
+        params = StdioServerParameters(command=config["command"], args=config["args"], env=ENV)
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            assert [t.name for t in (await session.list_tools()).tools] == ["generate_image"]
+
+    anyio.run(main)
