@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Optional
@@ -158,9 +159,11 @@ def _run_loop(out, backend, controller, ex_opts, ctl_opts, settings, inputs, che
         fail(str(exc))
     except OSError as exc:
         fail(f"{describe_os_error(exc)}; the finished steps are kept: fix it and run the same command again")
-    except KeyboardInterrupt:
+    except sqlite3.Error as exc:  # the checkpoint file on a full or read-only disk
+        fail(f"checkpoint database: {exc}; the finished steps are kept: fix it and run the same command again")
+    except KeyboardInterrupt as exc:
         err.print(f"interrupted: the run is saved in {out}; run the same command again (or --resume) to continue")
-        raise typer.Exit(130)
+        raise typer.Exit(143 if isinstance(exc, Terminated) else 130)
     result = {"status": values.get("status"), "final_image": str(out / "final.png") if values.get("final_image") else None,
               "iterations": values.get("iterations"), "stop_reason": values.get("stop_reason"),
               "trajectory": str(out / "trajectory.json"), "trace": str(out / "trace.html")}
@@ -173,11 +176,15 @@ def _run_loop(out, backend, controller, ex_opts, ctl_opts, settings, inputs, che
         raise typer.Exit(1)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered as Ctrl-C is."""
+
+
 @contextlib.contextmanager
 def _terminate_as_interrupt():
     """SIGTERM (a scheduler or `kill`) ends the run as Ctrl-C does: outputs written, resumable."""
     def raise_interrupt(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
