@@ -7,8 +7,10 @@ cancellation flag live in :class:`ClvrContext`, which LangGraph passes to nodes 
 
 from __future__ import annotations
 
+import atexit
 import operator
 import os
+import shutil
 import threading
 from typing import Annotated, Any, Optional
 
@@ -49,7 +51,9 @@ class Settings(BaseModel):
     height: Optional[int] = Field(None, ge=16, le=4096)
     width: Optional[int] = Field(None, ge=16, le=4096)
     interactive: bool = Field(False, description="Pause for approval after plan and before stop.")
-    artifact_dir: Optional[str] = Field(None, description="Where canvases are written; a temp dir when None.")
+    artifact_dir: Optional[str] = Field(None, description=(
+        "Where canvases are written. None: a temp folder per context (per run on a LangGraph server), "
+        "removed when the process exits; set it to keep the images."))
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
@@ -264,7 +268,11 @@ class ClvrContext(Settings):
         if self._store is None:
             import tempfile
 
-            self._store = ArtifactStore(self.artifact_dir or tempfile.mkdtemp(prefix="clvr-"))
+            root = self.artifact_dir
+            if root is None:  # a temp folder for this context's runs, removed when the process exits
+                root = tempfile.mkdtemp(prefix="clvr-")
+                atexit.register(shutil.rmtree, root, ignore_errors=True)
+            self._store = ArtifactStore(root)
         return self._store
 
     def for_run(self) -> "ClvrContext":
