@@ -153,15 +153,34 @@ def test_inpaint_repaints_the_region(executor, canvas):
         executor.generate(request("inpaint", region=Region(x0=0, y0=0, x1=99, y1=10)), [canvas])
 
 
-def test_region_prompt_draws_the_region_alone_and_pastes_it(executor, canvas):
+@pytest.fixture(scope="module")
+def native64(tiny_klein):
+    """The tiny pipeline with a 64² native draw (as clvr-mini's clvr_canvas.json sets): its default,
+    128 latents × VAE factor 2 = 256², is slow on CPU."""
+    return Flux2KleinExecutor(tiny_klein, draw_size=64)
+
+
+def test_region_draw_size_keeps_the_native_area_and_the_region_aspect(executor, native64):
+    from clvr_agent.tools.flux2_klein import region_draw_size
+
+    assert region_draw_size(400, 200, 1024, 16) == (720, 1456)  # klein: 2:1 at ~1024² (1456·720 = 1.0 × 1024²)
+    assert region_draw_size(150, 150, 1024, 16) == (1024, 1024)  # a small square region still draws at 1024²
+    assert region_draw_size(100, 300, 64, 16) == (112, 32)  # clvr-mini's 64² area, 1:3
+    assert region_draw_size(2, 300, 64, 16) == (784, 16)  # never below one multiple
+    assert executor.native_side == 128 * executor.pipe.vae_scale_factor  # the pipeline's default size
+    assert native64.native_side == 64
+
+
+def test_region_prompt_draws_the_region_alone_and_pastes_it(native64, canvas):
+    executor = native64
     region = Region(x0=8, y0=16, x1=40, y1=48)
     tiled = request("inpaint", region=region, region_prompt="a photo of a blue square", height=None, width=None)
     with image_tokens_seen(executor.pipe) as seen:
         out = executor.generate(tiled, [canvas])
     assert out.info["pipeline"] == "Flux2KleinPipeline" and out.info["region_prompt"] == "a photo of a blue square"
-    assert out.nfe == 4 and (out.info["height"], out.info["width"]) == (32, 32)  # the tile, at the region's size
+    assert out.nfe == 4 and (out.info["height"], out.info["width"]) == (64, 64)  # the tile, at the native size
     with image_tokens_seen(executor.pipe) as plain:
-        executor.generate(request(height=32, width=32), [])
+        executor.generate(request(height=64, width=64), [])
     assert seen[0] == plain[0]  # no reference tokens: the region is drawn afresh from its own prompt
     after, before = pixels(out.image), pixels(canvas)
     assert out.image.size == canvas.size
@@ -172,6 +191,32 @@ def test_region_prompt_draws_the_region_alone_and_pastes_it(executor, canvas):
     assert pixels(canvas).sum() == before.sum()  # the reference itself was not modified
     with pytest.raises(ValueError, match="outside"):
         executor.generate(tiled.model_copy(update={"region": Region(x0=40, y0=0, x1=90, y1=30)}), [canvas])
+
+
+def test_non_square_region_is_drawn_at_its_aspect_then_resized_into_it(native64, canvas):
+    """A 48×24 region is drawn 92×44 (the 64² area at 2:1 in multiples of 4), not as a squashed square."""
+    from clvr_agent.tools import flux2_klein
+
+    region = Region(x0=8, y0=20, x1=56, y1=44)
+    tiled = request("inpaint", region=region, region_prompt="a photo of a red circle", height=64, width=64)
+    pasted = []
+    original = flux2_klein.paste_region
+
+    def record(canvas_, tile, region_):
+        pasted.append(tile.size)
+        return original(canvas_, tile, region_)
+
+    flux2_klein.paste_region = record  # spy on the real function; it still pastes
+    try:
+        out = native64.generate(tiled, [canvas])
+    finally:
+        flux2_klein.paste_region = original
+    assert (out.info["height"], out.info["width"]) == (44, 92)  # request height/width size the canvas, not the tile
+    assert pasted == [(92, 44)] and abs(92 / 44 - 48 / 24) < 0.1 and abs(92 * 44 - 64 * 64) < 64 * 4
+    before, after = pixels(canvas), pixels(out.image)
+    inside = np.zeros(before.shape[:2], bool)
+    inside[20:44, 8:56] = True
+    assert out.image.size == canvas.size and np.array_equal(after[~inside], before[~inside])
 
 
 def test_save_load_round_trip_through_the_registry(executor, tiny_klein_dir):
@@ -299,6 +344,23 @@ def test_long_accumulated_prompt_keeps_prompt_and_latest_instruction(tiny_klein)
     kept = fitted.split("\n")
     assert kept[0] == lines[0] and kept[-1] == lines[-1] and 1 < len(kept) < len(lines)
     assert ex.fit_prompt("a short prompt") == "a short prompt"
+
+
+def test_fit_prompt_keeps_the_newest_instruction_when_prompt_and_newest_exceed_the_limit(tiny_klein):
+    from clvr_agent.tools.flux2_klein import Flux2KleinExecutor
+
+    ex = Flux2KleinExecutor.from_pipeline(tiny_klein)
+    limit = ex.max_sequence_length  # 256 byte tokens for the tiny tokenizer
+    head = "a photo of a red circle and " + "a very long description " * 7  # ~200 tokens alone
+    newest = "now add a blue square to the left of the circle " * 2  # ~100 tokens
+    lines = [head, "an older instruction", newest]
+    assert ex.prompt_tokens(head) < limit < ex.prompt_tokens(f"{head}\n{newest}")
+    fitted = ex.fit_prompt("\n".join(lines))
+    assert fitted.split("\n")[-1] == newest  # the instruction this step executes is never dropped
+    assert ex.prompt_tokens(fitted) <= limit and fitted.startswith("a photo of a red circle")  # the prompt, cut
+    assert len(fitted.split("\n")) == 2  # no room for the older instruction
+    alone = "z" * (limit + 50)
+    assert ex.fit_prompt(f"{head}\n{alone}") == alone  # nothing else fits: the newest alone (the pipeline truncates it)
 
 
 def test_native_draw_size_and_canvas_size(tiny_klein, tmp_path):

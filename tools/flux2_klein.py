@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 # checkpoint fits when its text encoder has ≥ 27 layers and joint_attention_dim == 3 × hidden size.
 TEXT_ENCODER_OUT_LAYERS = (9, 18, 27)
 DISTILLED_STEPS, DISTILLED_GUIDANCE = 4, 1.0
+# 28 base steps is a cost choice for a loop that draws several canvases per prompt, not the models'
+# recommendation: diffusers' own Flux2KleinPipeline example (FLUX.2-klein-base-9B) runs 50 steps at
+# guidance 4, and BFL's flux2 README calls Base the 50-step model. --steps 50 restores it.
 BASE_STEPS, BASE_GUIDANCE = 28, 4.0
 # The pipelines pad every prompt to this many tokens; a checkpoint may ask for fewer through its
 # tokenizer's model_max_length (the tiny ones do, to stay fast on CPU).
@@ -174,6 +177,12 @@ class Flux2KleinExecutor:
         """Output sides must be multiples of this (VAE downsampling × 2×2 latent patches)."""
         return self.pipe.vae_scale_factor * 2
 
+    @property
+    def native_side(self) -> int:
+        """Side of the square the checkpoint draws best at: the folder's draw_size, else the pipeline's
+        default (``default_sample_size`` × VAE factor: 128 × 8 = 1024 for klein)."""
+        return self.draw_size or self.pipe.default_sample_size * self.pipe.vae_scale_factor
+
     def defaults(self) -> tuple[int, float]:
         """(steps, guidance) when the request leaves them unset: 4 / 1.0 distilled, 28 / ``base_guidance`` base (CFG)."""
         return (DISTILLED_STEPS, DISTILLED_GUIDANCE) if self.is_distilled else (BASE_STEPS, self.base_guidance)
@@ -268,12 +277,12 @@ class Flux2KleinExecutor:
             if not refs or request.region is None:
                 raise ValueError("mode 'inpaint' needs a reference canvas and request.region")
             # Regional draw: the region alone, drawn afresh from its own prompt at the checkpoint's
-            # native size; generate() pastes it into the canvas ("inpaint only masked" at strength 1).
+            # native area in the region's aspect ratio; generate() resizes it into the region ("inpaint
+            # only masked" at strength 1). request.height/width size the canvas, not this tile.
             pipe = self.pipe
             check_region(request.region, originals[-1].size)
-            r, m = request.region, self.size_multiple
-            side = self.draw_size or max(m, -(-max(r.x1 - r.x0, r.y1 - r.y0) // m) * m)
-            height, width = request.height or side, request.width or side
+            r = request.region
+            height, width = region_draw_size(r.x1 - r.x0, r.y1 - r.y0, self.native_side, self.size_multiple)
             kwargs["prompt"] = self.fit_prompt(request.region_prompt)
         elif request.mode == "inpaint":
             if not refs or request.region is None:
@@ -297,18 +306,39 @@ class Flux2KleinExecutor:
     def fit_prompt(self, accumulated: str) -> str:
         """The accumulated prompt cut to the text encoder's length by dropping the *oldest* instructions.
 
-        Line 1 is the user's prompt and always stays; then as many of the most recent instructions
-        as fit. (Plain truncation would cut the newest instruction, the one this step must execute.)
+        The newest instruction (the one this step must execute) always stays; line 1, the user's
+        prompt, stays too, cut at its end if it and the newest do not fit together; then as many of
+        the more recent other instructions as fit. (Plain truncation would cut the newest instruction.)
         """
-        if self.prompt_tokens(accumulated) <= self.max_sequence_length:
+        limit = self.max_sequence_length
+        if self.prompt_tokens(accumulated) <= limit:
             return accumulated
         head, *instructions = accumulated.split("\n")
+        if not instructions:  # one long line: the pipeline truncates it
+            return accumulated
+        *older, newest = instructions
+        if self.prompt_tokens(f"{head}\n{newest}") > limit:
+            cut = self._head_prefix(head, newest)
+            return f"{cut}\n{newest}" if cut else newest
         kept: list[str] = []
-        for line in reversed(instructions):
-            if self.prompt_tokens("\n".join([head, line, *kept])) > self.max_sequence_length:
+        for line in reversed(older):
+            if self.prompt_tokens("\n".join([head, line, *kept, newest])) > limit:
                 break
             kept.insert(0, line)
-        return "\n".join([head, *kept])
+        return "\n".join([head, *kept, newest])
+
+    def _head_prefix(self, head: str, newest: str) -> str:
+        """The longest token prefix of ``head`` that still fits in front of ``newest`` ('' if none)."""
+        tok = self.pipe.tokenizer
+        ids = tok(head, add_special_tokens=False).input_ids
+        lo, hi = 0, len(ids)
+        while lo < hi:  # largest k whose prefix fits; the count grows with k
+            k = (lo + hi + 1) // 2
+            if self.prompt_tokens(f"{tok.decode(ids[:k])}\n{newest}") <= self.max_sequence_length:
+                lo = k
+            else:
+                hi = k - 1
+        return tok.decode(ids[:lo]).rstrip()
 
     def prompt_tokens(self, prompt: str) -> int:
         """Token count of ``prompt`` as the text encoder sees it (chat template included, no padding)."""
@@ -385,6 +415,15 @@ def check_region(region: Region, size: tuple[int, int]) -> None:
     w, h = size
     if not (0 <= region.x0 < region.x1 <= w and 0 <= region.y0 < region.y1 <= h):
         raise ValueError(f"region {region.model_dump()} is empty or outside the {w}×{h} canvas")
+
+
+def region_draw_size(width: int, height: int, side: int, multiple: int) -> tuple[int, int]:
+    """(height, width) to draw a ``width``×``height`` region at: the area of a ``side``² draw with the
+    region's aspect ratio, each side rounded to a multiple of ``multiple`` (at least one multiple)."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"region {width}×{height} is empty")
+    root = (width / height) ** 0.5
+    return tuple(max(multiple, round(side * f / multiple) * multiple) for f in (1 / root, root))
 
 
 def paste_region(canvas: Image.Image, tile: Image.Image, region: Region) -> Image.Image:
