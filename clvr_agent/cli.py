@@ -196,7 +196,7 @@ def _terminate_as_interrupt():
 def _describe(event: dict) -> str:
     kind = event.get("event")
     if kind == "denoise":
-        return f"step {event['step']}: denoising {event['i'] + 1}/{event['of']}"
+        return f"step {event['step']}: denoising {event['i']}/{event['of']}"  # executors count from 1
     if kind == "iteration":
         return f"iteration {event['iteration']}: score {event['score']:.2f}"
     if kind == "node_start":

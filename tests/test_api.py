@@ -28,7 +28,7 @@ def _runnable(tmp_path, scores=(0.4, 0.7)):
 
 def test_tool_result_is_compact(tmp_path):
     tool = clvr_tool(_runnable(tmp_path))
-    assert set(tool.args) == {"prompt", "seed"}
+    assert set(tool.args) == {"prompt", "seed", "max_iterations"}
     text = tool.invoke({"prompt": "a red circle", "seed": 1})
     assert text.startswith("status=budget_exhausted image=") and "iterations=2" in text
     assert "unmet: scripted miss 1" in text and len(text) < 400
