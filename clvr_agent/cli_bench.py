@@ -117,3 +117,25 @@ def concurrency(
     Console().print(table)
     Console().print(f"max concurrent runs held: {result['max_concurrent_held']}")
     _write_json(json_out, result)
+
+
+@bench_app.command("gpu")
+def gpu(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Build every model at toy size on CPU and run the plan once."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="JSON path (default: $OUT/gpu_check.json, else ./gpu_check.json)."),
+    budget_s: float = typer.Option(540.0, "--budget-s", min=1.0, help="Calls that would start after this many seconds are skipped."),
+) -> None:
+    """klein-4B (distilled vs base CFG, 0/1/3 refs, plain vs KV), a Qwen3-VL-8B verify call and 10 LoRA-64
+    SFT steps at 1024², random weights built from configs: timings and peak memory as one JSON."""
+    import os
+
+    import torch
+
+    from clvr_agent.bench_gpu import DRY_RUN, FULL, print_plan, run, write_report
+
+    if not dry_run and not torch.cuda.is_available():
+        Console().print_json(json.dumps({"bench": "gpu", "skipped": "no CUDA device (--dry-run checks the plan on CPU)"}))
+        return
+    print_plan(DRY_RUN if dry_run else FULL)
+    report = run(dry_run=dry_run, budget_s=budget_s)
+    write_report(report, json_out or Path(os.environ.get("OUT", ".")) / "gpu_check.json")

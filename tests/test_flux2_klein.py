@@ -310,19 +310,6 @@ def test_clvr_mini_path():
             clvr_mini_path()
 
 
-def test_gpu_check_script_dry_run(tmp_path):
-    import importlib.util
-
-    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", script)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    report = gpu_check.main(["--dry-run", str(tmp_path / "check.json")])
-    assert json.loads((tmp_path / "check.json").read_text()) == json.loads(json.dumps(report))
-    nfe = {name: r["nfe"] for name, r in report["results"].items()}
-    assert nfe == {"distilled_4": 4, "distilled_4_edit_1ref": 4, "base_3_cfg": 6}
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_bfloat16_and_offload(tiny_klein_dir):
