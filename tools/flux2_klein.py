@@ -255,7 +255,7 @@ class Flux2KleinExecutor:
         kwargs = dict(
             prompt=self.fit_prompt(request.accumulated_prompt),
             num_inference_steps=steps,
-            text_encoder_out_layers=TEXT_ENCODER_OUT_LAYERS,
+            text_encoder_out_layers=text_encoder_out_layers(self.pipe),
             max_sequence_length=self.max_sequence_length,
             output_type="pil",
         )
@@ -441,14 +441,26 @@ def region_mask(region: Region, size: tuple[int, int]) -> Image.Image:
     return mask
 
 
+# A checkpoint that stacks other hidden states says so in its text_encoder/config.json under this key;
+# the executor and every trainer read it from there (one source), so training and serving agree.
+OUT_LAYERS_KEY = "clvr_text_encoder_out_layers"
+
+
+def text_encoder_out_layers(pipe) -> tuple[int, ...]:
+    """The text-encoder hidden states stacked into the prompt embedding: the folder's, else (9, 18, 27)."""
+    layers = getattr(pipe.text_encoder.config, OUT_LAYERS_KEY, None)
+    return tuple(int(k) for k in layers) if layers else TEXT_ENCODER_OUT_LAYERS
+
+
 def _check_out_layers(pipe, source: str) -> None:
     te, tr = pipe.text_encoder.config, pipe.transformer.config
-    expected = len(TEXT_ENCODER_OUT_LAYERS) * te.hidden_size
-    if te.num_hidden_layers < max(TEXT_ENCODER_OUT_LAYERS) or tr.joint_attention_dim != expected:
+    layers = text_encoder_out_layers(pipe)
+    expected = len(layers) * te.hidden_size
+    if te.num_hidden_layers < max(layers) or tr.joint_attention_dim != expected:
         raise CheckpointError(
-            f"{source}: FLUX.2 [klein] stacks text-encoder hidden states {TEXT_ENCODER_OUT_LAYERS}, so it needs "
-            f"≥ {max(TEXT_ENCODER_OUT_LAYERS)} text layers and transformer joint_attention_dim == "
-            f"{len(TEXT_ENCODER_OUT_LAYERS)} × text hidden size ({expected}); this checkpoint has "
+            f"{source}: FLUX.2 [klein] stacks text-encoder hidden states {layers}, so it needs "
+            f"≥ {max(layers)} text layers and transformer joint_attention_dim == "
+            f"{len(layers)} × text hidden size ({expected}); this checkpoint has "
             f"{te.num_hidden_layers} layers and joint_attention_dim {tr.joint_attention_dim}"
         )
 

@@ -1,8 +1,6 @@
-"""What the three diffusion trainers share: trainable parameters, LoRA, checkpoints, resume and export.
+"""What the three diffusion trainers share: trainable parameters, LoRA, the optimizer, export.
 
-A checkpoint is a folder ``<out>/checkpoints/step-NNNNNNN/`` holding ``trainable.safetensors`` (only the
-parameters being trained, plus the VAE's latent batch-norm statistics) and ``training_state.pt``
-(step, optimizer, LR schedule, RNG states). The deliverable is ``<out>`` itself: a diffusers folder in
+Checkpoints are :mod:`clvr_agent.training.checkpointing` (accelerate's ``save_state``). The deliverable is ``<out>`` itself: a diffusers folder in
 safetensors with any LoRA fused, so ``Flux2KleinPipeline.from_pretrained(out)`` loads it directly.
 """
 
@@ -10,16 +8,12 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
+from clvr_agent.training import checkpointing as ck
 from clvr_agent.training.diffusion_configs import LORA_TARGET_MODULES
-
-BN_KEYS = ("vae.bn.running_mean", "vae.bn.running_var")
 
 
 def add_lora(transformer, rank: int, alpha: float, target_modules: str = LORA_TARGET_MODULES) -> None:
@@ -33,7 +27,7 @@ def add_lora(transformer, rank: int, alpha: float, target_modules: str = LORA_TA
 
 def make_optimizer(params, *, lr: float, weight_decay: float, total_steps: int, schedule: str = "constant",
                    warmup_steps: int = 0, betas=(0.9, 0.999)):
-    """AdamW plus a diffusers LR schedule (stepped once per optimizer step)."""
+    """AdamW plus a diffusers LR schedule for ``total_steps`` optimizer steps (``checkpointing.step_schedule``)."""
     from diffusers.optimization import get_scheduler
 
     params = list(params)
@@ -69,70 +63,116 @@ def set_trainable(pipe, *, transformer: bool, text_encoder: bool, vae: bool) -> 
     return chosen
 
 
-def trainable_state(modules: dict[str, torch.nn.Module], vae) -> dict[str, torch.Tensor]:
-    sd = {
-        f"{name}.{pname}": p.detach().cpu().contiguous()
-        for name, m in modules.items()
-        for pname, p in m.named_parameters()
-        if p.requires_grad
-    }
-    sd[BN_KEYS[0]] = vae.bn.running_mean.detach().cpu().clone()
-    sd[BN_KEYS[1]] = vae.bn.running_var.detach().cpu().clone()
-    return sd
+def native_size(pipe) -> int:
+    """The side a klein pipeline draws at when asked for no size: ``default_sample_size × vae_scale_factor``
+    (1024 for the published checkpoints)."""
+    return int(pipe.default_sample_size * pipe.vae_scale_factor)
+
+
+def resolve_size(pipe, cfg) -> None:
+    """``height = width = 0`` means the model's native size; checks the sides fit its latent grid."""
+    if not cfg.height:
+        cfg.height = cfg.width = native_size(pipe)
+    mult = pipe.vae_scale_factor * 2
+    if cfg.height % mult or cfg.width % mult:
+        raise ValueError(f"height and width must be multiples of {mult} for this VAE, got {cfg.height}×{cfg.width}")
+
+
+def setup(trainer, pipeline, cfg, *, transformer: bool = True, text_encoder: bool = False, vae: bool = False,
+          find_unused_parameters: bool = False, schedule: str = "constant", warmup_steps: int = 0, betas=(0.9, 0.999)):
+    """What every diffusion trainer's constructor does, in order; sets on ``trainer``:
+
+    ``accelerator``; ``modules`` (name -> plain trained module, also on ``pipe``); ``run`` (name -> prepared
+    module, to forward through so gradients synchronise); ``params``; ``optimizer``; ``lr_scheduler``
+    (not prepared: see ``checkpointing.step_schedule``); this rank's ``rng`` and ``generator``;
+    ``checkpointer``; ``step = 0``.
+    """
+    resolve_size(pipeline, cfg)
+    trainer.accelerator = acc = ck.make_accelerator(cfg.mixed_precision, find_unused_parameters=find_unused_parameters)
+    pipeline.to(acc.device)
+    if cfg.lora_rank and not has_lora(pipeline.transformer):
+        add_lora(pipeline.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+    trainer.modules = set_trainable(pipeline, transformer=transformer, text_encoder=text_encoder, vae=vae)
+    params = [p for m in trainer.modules.values() for p in m.parameters() if p.requires_grad]
+    optimizer, trainer.lr_scheduler = make_optimizer(
+        params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, total_steps=cfg.max_steps, schedule=schedule,
+        warmup_steps=warmup_steps, betas=betas)
+    wrapped = acc.prepare(*trainer.modules.values(), optimizer)
+    trainer.run = dict(zip(trainer.modules, wrapped[:-1]))
+    trainer.optimizer = wrapped[-1]
+    # After prepare: under FSDP the prepared modules hold the parameters that are clipped and stepped.
+    trainer.params = [p for m in trainer.run.values() for p in m.parameters() if p.requires_grad]
+    rank = acc.process_index
+    trainer.rng = random.Random(cfg.seed + 7919 * rank)
+    trainer.generator = torch.Generator().manual_seed(cfg.seed + 7919 * rank)
+    bn = pipeline.vae.bn
+    trainer.checkpointer = ck.Checkpointer(
+        acc, cfg.output_dir, modules=trainer.run, schedule=trainer.lr_scheduler,
+        rngs=(trainer.generator, trainer.rng), keep=cfg.keep_checkpoints,
+        fingerprint={"learning_rate": cfg.learning_rate, "lora_rank": cfg.lora_rank},
+        # The latent BN statistics belong to the VAE even when it is frozen (set from data before training).
+        extra={"latent_bn": (lambda: {"mean": bn.running_mean.detach().cpu().clone(), "var": bn.running_var.detach().cpu().clone()},
+                             lambda sd: (bn.running_mean.copy_(sd["mean"]), bn.running_var.copy_(sd["var"])))})
+    trainer.step = 0
+
+
+def resume(trainer) -> bool:
+    """With ``cfg.resume``, restore the newest checkpoint (an error if there is none); True if it did."""
+    cfg = trainer.cfg
+    if not cfg.resume:
+        return False
+    ckpt = ck.latest_checkpoint(cfg.output_dir)
+    if ckpt is None:
+        raise ValueError(f"--resume: no checkpoint under {Path(cfg.output_dir) / ck.CHECKPOINTS}; drop --resume to start fresh")
+    with torch.no_grad():
+        trainer.step = trainer.checkpointer.load(ckpt)
+    return True
+
+
+def optimizer_step(trainer) -> float | None:
+    """Clip (if asked), step the optimizer, step the schedule once, zero the gradients; returns the grad norm."""
+    acc, cfg = trainer.accelerator, trainer.cfg
+    grad_norm = acc.clip_grad_norm_(trainer.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    trainer.optimizer.step()
+    ck.step_schedule(trainer.optimizer, trainer.lr_scheduler)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return None if grad_norm is None else float(grad_norm)
+
+
+def finish(trainer, card: dict, *, is_distilled: bool | None = None) -> None:
+    """Final checkpoint, then the diffusers folder from the gathered state dicts (main process)."""
+    acc = trainer.accelerator
+    trainer.checkpointer.save(trainer.step)
+    trained = dict(zip(trainer.run, ck.full_state_dicts(acc, list(trainer.run.values()))))
+    if acc.is_main_process:
+        export_pipeline(trainer.pipe, trainer.cfg.output_dir, trained=trained, is_distilled=is_distilled, card=card)
+    acc.wait_for_everyone()
+
+
+def log_step(trainer, rec: dict) -> None:
+    """Keep ``rec`` in the history and append it to log.jsonl every ``log_every`` steps (main process)."""
+    trainer.history.append(rec)
+    cfg = trainer.cfg
+    if trainer.accelerator.is_main_process and cfg.log_every and trainer.step % cfg.log_every == 0:
+        append_log(cfg.output_dir, rec)
+
+
+def maybe_checkpoint(trainer) -> None:
+    cfg = trainer.cfg
+    if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0 and trainer.step < cfg.max_steps:
+        trainer.checkpointer.save(trainer.step)
 
 
 @torch.no_grad()
-def load_trainable_state(pipe, sd: dict[str, torch.Tensor]) -> None:
-    for key, value in sd.items():
-        name, rest = key.split(".", 1)
-        target = getattr(pipe, name).get_parameter(rest) if "bn.running" not in rest else getattr(pipe.vae.bn, rest.rsplit(".", 1)[1])
-        if target.shape != value.shape:
-            raise ValueError(f"checkpoint tensor {key} has shape {tuple(value.shape)}, model has {tuple(target.shape)}")
-        target.copy_(value.to(target))
-
-
-def rng_state(generator: torch.Generator, rng: random.Random) -> dict:
-    return {"torch": torch.get_rng_state(), "generator": generator.get_state(), "python": rng.getstate(),
-            "numpy": np.random.get_state()}
-
-
-def set_rng_state(state: dict, generator: torch.Generator, rng: random.Random) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    rng.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
-def save_checkpoint(out_dir, step: int, pipe, modules, optimizer, lr_scheduler, rng: dict, extra=None, keep=2) -> Path:
-    """Write ``checkpoints/step-N`` atomically (tmp folder + rename) and keep the newest ``keep`` of them."""
-    root = Path(out_dir) / "checkpoints"
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(modules, pipe.vae), str(tmp / "trainable.safetensors"))
-    torch.save(
-        {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": rng,
-         "extra": extra or {}},
-        tmp / "training_state.pt",
-    )
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def save_trainer_checkpoint(trainer) -> None:
-    """The main process writes the trainer's resumable checkpoint at ``trainer.step``; all processes wait.
-
-    Shared by the diffusion trainers, which all hold ``accelerator, cfg, step, pipe, modules, optimizer,
-    lr_scheduler, generator, rng``.
-    """
-    trainer.accelerator.wait_for_everyone()
-    if trainer.accelerator.is_main_process:
-        save_checkpoint(trainer.cfg.output_dir, trainer.step, trainer.pipe, trainer.modules, trainer.optimizer,
-                        trainer.lr_scheduler, rng_state(trainer.generator, trainer.rng), keep=trainer.cfg.keep_checkpoints)
+def apply_checkpoint(pipe, ckpt: Path) -> int:
+    """Apply a diffusion trainer's checkpoint (trained weights and latent BN statistics) to a plain pipeline,
+    e.g. to sample or ship a running stage; returns the checkpoint's step. A LoRA checkpoint needs the
+    same adapter on ``pipe.transformer`` first (``add_lora``)."""
+    meta = ck.apply_checkpoint({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}, ckpt)
+    bn = torch.load(Path(ckpt) / ck.STATE_FILE, map_location="cpu", weights_only=True)["latent_bn"]
+    pipe.vae.bn.running_mean.copy_(bn["mean"])
+    pipe.vae.bn.running_var.copy_(bn["var"])
+    return int(meta["step"])
 
 
 def append_log(out_dir, record: dict) -> None:
@@ -143,49 +183,47 @@ def append_log(out_dir, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def latest_checkpoint(out_dir) -> Path | None:
-    found = sorted((Path(out_dir) / "checkpoints").glob("step-*"))
-    return found[-1] if found else None
+@torch.no_grad()
+def fuse_lora(sd: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A peft-LoRA state dict with ``W + scale·B·A`` baked in, under the plain module's names."""
+    out = {k.replace(".base_layer", ""): v for k, v in sd.items() if "lora_" not in k}
+    for key, a in sd.items():
+        if ".lora_A." in key:
+            prefix, rest = key.split(".lora_A.", 1)
+            b = sd[f"{prefix}.lora_B.{rest}"]
+            w = out[f"{prefix}.weight"]
+            out[f"{prefix}.weight"] = w + (scale * (b.float() @ a.float())).to(w)
+    return out
 
 
-def load_checkpoint(ckpt: Path, pipe, optimizer, lr_scheduler) -> dict:
-    """Restore weights, optimizer and schedule; returns the saved state (``step``, ``rng``, ``extra``)."""
-    load_trainable_state(pipe, load_file(str(ckpt / "trainable.safetensors")))
-    state = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=False)
-    saved = state["lr_scheduler"].get("base_lrs")
-    asked = list(getattr(lr_scheduler, "scheduler", lr_scheduler).base_lrs)  # accelerate wraps the scheduler
-    if saved is not None and [round(x, 12) for x in saved] != [round(x, 12) for x in asked]:
-        # Loading would silently restore the old rate; a changed rate needs a new run (or --out).
-        raise ValueError(f"{ckpt} was trained with learning rate {saved[0]:g}, this run asks for {asked[0]:g}; "
-                         "resume with the same --learning-rate, or start a new run in another --out")
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    return state
+def _fresh(module: torch.nn.Module) -> torch.nn.Module:
+    """An untrained module of the same class and config, on the CPU."""
+    return type(module).from_config(module.config) if hasattr(type(module), "from_config") else type(module)(module.config)
 
 
 @torch.no_grad()
-def fused_transformer(transformer):
-    """A plain copy of a LoRA-carrying transformer with ``W + ΔW`` baked in (base weights untouched)."""
-    from peft.tuners.lora import LoraLayer
+def export_pipeline(pipe, out_dir, *, trained: dict[str, dict] | None = None, is_distilled: bool | None = None,
+                    card: dict | None = None) -> Path:
+    """Save ``pipe`` as a diffusers folder (safetensors) with the ``trained`` full state dicts, LoRA fused.
 
-    sd = {k.replace(".base_layer", ""): v for k, v in transformer.state_dict().items() if "lora_" not in k}
-    for name, module in transformer.named_modules():
-        if isinstance(module, LoraLayer):
-            for adapter in module.active_adapters:
-                sd[f"{name}.weight"] = sd[f"{name}.weight"] + module.get_delta_weight(adapter).to(sd[f"{name}.weight"])
-    fresh = type(transformer).from_config(transformer.config)
-    fresh.load_state_dict(sd)
-    if fresh.dtype != transformer.dtype:
-        fresh.to(dtype=transformer.dtype)
-    return fresh.to(transformer.device)
-
-
-def export_pipeline(pipe, out_dir, *, is_distilled: bool | None = None, card: dict | None = None) -> Path:
-    """Save ``pipe`` as a diffusers folder (safetensors), LoRA fused; ``is_distilled`` overrides the flag."""
+    ``trained`` maps component names to state dicts from ``accelerator.get_state_dict`` (which gathers
+    FSDP shards), so the export never reads a (possibly sharded) training module directly; a component
+    not in it is saved as it is. ``is_distilled`` overrides the flag.
+    """
     out = Path(out_dir)
     components = dict(pipe.components)
-    if has_lora(pipe.transformer):
-        components["transformer"] = fused_transformer(pipe.transformer)
+    trained = dict(trained or {})
+    if has_lora(pipe.transformer) and "transformer" not in trained:
+        trained["transformer"] = pipe.transformer.state_dict()
+    for name, sd in trained.items():
+        module = getattr(pipe, name)
+        if has_lora(module):
+            lora = module.peft_config["default"]
+            sd = fuse_lora(sd, lora.lora_alpha / lora.r)
+        fresh = _fresh(module)
+        fresh.load_state_dict(sd)
+        dtype = next(iter(sd.values())).dtype
+        components[name] = fresh if fresh.dtype == dtype else fresh.to(dtype=dtype)
     flag = pipe.config.is_distilled if is_distilled is None else is_distilled
     type(pipe)(**components, is_distilled=flag).save_pretrained(out, safe_serialization=True)
     if card is not None:

@@ -16,7 +16,6 @@ result is saved with ``is_distilled=True`` so the pipeline skips CFG.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,28 +40,13 @@ class DistillTrainer:
     """``DistillTrainer(pipeline, config, prompts).train()``; ``prompts``: strings or ``{prompt, references}``."""
 
     def __init__(self, pipeline, config: DistillConfig, prompts: Sequence[Any]):
-        from accelerate import Accelerator
-
         if not prompts:
             raise ValueError("distillation needs at least one prompt")
         self.pipe, self.cfg, self.prompts = pipeline, config, list(prompts)
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
-        pipeline.to(self.accelerator.device)
-        if config.lora_rank and not dl.has_lora(pipeline.transformer):
-            dl.add_lora(pipeline.transformer, config.lora_rank, config.lora_alpha, config.lora_target_modules)
-        self.modules = dl.set_trainable(pipeline, transformer=True, text_encoder=False, vae=False)
-        self.params = [p for p in pipeline.transformer.parameters() if p.requires_grad]
-        self.optimizer, self.lr_scheduler = dl.make_optimizer(
-            self.params, lr=config.learning_rate, weight_decay=config.weight_decay, total_steps=config.max_steps,
-            schedule=config.lr_scheduler, warmup_steps=config.warmup_steps)
-        self.student, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            pipeline.transformer, self.optimizer, self.lr_scheduler)
-        rank = self.accelerator.process_index
-        self.rng = random.Random(config.seed + 7919 * rank)
-        self.generator = torch.Generator().manual_seed(config.seed + 7919 * rank)
+        dl.setup(self, pipeline, config, schedule=config.lr_scheduler, warmup_steps=config.warmup_steps)
+        self.student = self.run["transformer"]
         self._conds: dict[tuple[int, bool], fm.Condition] = {}
         self.cache: dict | None = None
-        self.step = 0
         self.history: list[dict] = []
 
     @torch.no_grad()
@@ -73,9 +57,8 @@ class DistillTrainer:
             proxy = plain_proxy(self.prompts[i])
             refs = None
             if proxy.references:
-                refs = fm.encode_images(pipe, fm.to_pixels(pipe, proxy.references, cfg.height, cfg.width)).unsqueeze(0)
-            emb = fm.encode_text(pipe, ["" if uncond else proxy.text], max_sequence_length=cfg.max_sequence_length or prompt_max_length(pipe),
-                                 text_encoder_out_layers=cfg.text_encoder_out_layers)
+                refs = fm.to_pixels(pipe, proxy.references, cfg.height, cfg.width).unsqueeze(0)  # (1, K, 3, H, W)
+            emb = fm.encode_text(pipe, ["" if uncond else proxy.text], max_sequence_length=cfg.max_sequence_length or prompt_max_length(pipe))
             self._conds[(i, uncond)] = fm.make_condition(pipe, *emb, refs)
         return self._conds[(i, uncond)]
 
@@ -135,14 +118,10 @@ class DistillTrainer:
         cfg, acc = self.cfg, self.accelerator
         out = Path(cfg.output_dir)
         cache_path = out / f"teacher_cache-{acc.process_index}.pt"
-        ckpt = dl.latest_checkpoint(out) if cfg.resume else None
-        if cfg.resume and (ckpt is None or not cache_path.is_file()):
-            raise ValueError(f"--resume: no checkpoint or teacher cache under {out}; drop --resume to start fresh")
-        if ckpt is not None:  # the cached trajectories came from the original teacher: never regenerate them
+        if cfg.resume and not cache_path.is_file():
+            raise ValueError(f"--resume: no teacher cache {cache_path.name} under {out}; drop --resume to start fresh")
+        if dl.resume(self):  # the cached trajectories came from the original teacher: never regenerate them
             self.cache = torch.load(cache_path, weights_only=True)
-            state = dl.load_checkpoint(ckpt, self.pipe, self.optimizer, self.lr_scheduler)
-            dl.set_rng_state(state["rng"], self.generator, self.rng)
-            self.step = state["step"]
         else:
             self.cache = self.build_cache()
             out.mkdir(parents=True, exist_ok=True)
@@ -156,28 +135,20 @@ class DistillTrainer:
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"non-finite distillation loss at step {step}: lower learning_rate")
             acc.backward(loss)
-            grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            lr = self.lr_scheduler.get_last_lr()[0]
+            grad_norm = dl.optimizer_step(self)
             self.step = step + 1
-            rec = {"step": self.step, "loss": loss.item(), "lr": self.lr_scheduler.get_last_lr()[0]}
+            rec = {"step": self.step, "loss": acc.reduce(loss.detach(), "mean").item(), "lr": lr}
             if grad_norm is not None:
-                rec["grad_norm"] = float(grad_norm)
-            self.history.append(rec)
+                rec["grad_norm"] = grad_norm
+            dl.log_step(self, rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            if acc.is_main_process and cfg.log_every and self.step % cfg.log_every == 0:
-                dl.append_log(out, rec)
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
-                self.save_checkpoint()
-        self.save_checkpoint()
-        if acc.is_main_process:
-            dl.export_pipeline(self.pipe, out, is_distilled=True, card={"stage": "distill", **asdict(cfg)})
-        acc.wait_for_everyone()
+            dl.maybe_checkpoint(self)
+        dl.finish(self, {"stage": "distill", **asdict(cfg)}, is_distilled=True)
         return self.history
 
     def save_checkpoint(self) -> None:
-        dl.save_trainer_checkpoint(self)
+        self.checkpointer.save(self.step)
 
 
 def _group_by_refs(trainer: DistillTrainer, items: Sequence[int], key=lambda i: i) -> dict[int, list[int]]:

@@ -1,9 +1,10 @@
 """Flow matching for FLUX.2 [klein]: the sequence layout, the loss, the samplers.
 
-Shared by trajectory SFT, distillation and PPRL, and built on the pipeline's own helpers
-(`encode_prompt` internals, `_patchify_latents`, `_pack_latents`, `_prepare_latent_ids`,
-`_prepare_image_ids`) so that training sees exactly the sequence `Flux2KleinPipeline` builds at inference:
-target latents packed as tokens, then each reference canvas as extra tokens with its own time coordinate.
+Shared by trajectory SFT, distillation and PPRL, and built on the pipeline's public methods
+(``encode_prompt``, ``prepare_latents``, ``prepare_image_latents``; the few private helpers left are in
+:mod:`~clvr_agent.training.diffusers_adapter`) so that training sees exactly the sequence
+`Flux2KleinPipeline` builds at inference: target latents packed as tokens, then each reference canvas as
+extra tokens with its own time coordinate.
 
 Convention (diffusers `FlowMatchEulerDiscreteScheduler`): ``x_σ = (1-σ)·x0 + σ·ε``, the transformer
 predicts ``v ≈ ε - x0``, sampling runs σ from 1 to 0 and a step is ``x' = x + (σ' - σ)·v``.
@@ -20,8 +21,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
 from PIL import Image
+
+from clvr_agent.tools.flux2_klein import text_encoder_out_layers
+from clvr_agent.training import diffusers_adapter as da
 
 # ---------------------------------------------------------------------------------------------- text
 
@@ -32,25 +35,20 @@ def encode_text(
     *,
     text_encoder=None,
     max_sequence_length: int = 512,
-    text_encoder_out_layers: Sequence[int] = (9, 18, 27),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt embeddings ``(B, L, len(layers)·hidden)`` and text ids ``(B, L, 4)``, as the pipeline makes them.
 
-    ``text_encoder`` may be the DDP-wrapped encoder, so gradients synchronise across processes.
+    The stacked hidden states are the checkpoint's own (``text_encoder_out_layers(pipe)``, as the executor
+    uses). ``text_encoder``: the prepared (DDP) encoder when it trains, so gradients synchronise;
+    otherwise the pipeline's public ``encode_prompt``.
     """
-    te = text_encoder if text_encoder is not None else pipe.text_encoder
+    layers = text_encoder_out_layers(pipe)
+    if text_encoder is not None:
+        return da.prompt_embeds_with(pipe, text_encoder, prompts, max_sequence_length=max_sequence_length, out_layers=layers)
     device = pipe.transformer.device
-    embeds = pipe._get_qwen3_prompt_embeds(
-        text_encoder=te,
-        tokenizer=pipe.tokenizer,
-        prompt=list(prompts),
-        dtype=pipe.transformer.dtype,
-        device=device,
-        max_sequence_length=max_sequence_length,
-        hidden_states_layers=tuple(text_encoder_out_layers),
-    )
-    text_ids = pipe._prepare_text_ids(embeds).to(device)
-    return embeds, text_ids
+    embeds, text_ids = pipe.encode_prompt(list(prompts), device=device, max_sequence_length=max_sequence_length,
+                                          text_encoder_out_layers=layers)
+    return embeds.to(pipe.transformer.dtype), text_ids
 
 
 def drop_conditions(prompts: Sequence[str], p: float, rng: random.Random) -> list[str]:
@@ -71,7 +69,7 @@ def raw_latents(pipe, pixels: torch.Tensor, *, vae=None) -> torch.Tensor:
     """VAE posterior mode, patchified as the pipeline does: ``(B, 3, H, W) -> (B, 4C, H/16, W/16)``."""
     vae = vae if vae is not None else pipe.vae
     lat = vae.encode(pixels).latent_dist.mode()  # (B, C, H/8, W/8)
-    return pipe._patchify_latents(lat)
+    return da.patchify(pipe, lat)
 
 
 def _bn_mean_std(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,26 +138,33 @@ class Condition:
 
 def pack_target(pipe, lat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, 4C, h, w) -> tokens (B, h·w, 4C)`` and their position ids ``(B, h·w, 4)`` (time coordinate 0)."""
-    ids = pipe._prepare_latent_ids(lat).to(lat.device)
-    return pipe._pack_latents(lat), ids
+    b, c4 = lat.shape[:2]
+    # With latents given, prepare_latents only packs them (its height/width shape the noise it would draw).
+    tokens, ids = pipe.prepare_latents(b, c4 // 4, 0, 0, lat.dtype, lat.device, None, latents=lat)
+    return tokens, ids.to(lat.device)
 
 
-def pack_references(pipe, ref_latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, K, 4C, h, w)`` reference latents -> tokens ``(B, K·h·w, 4C)`` and ids ``(B, K·h·w, 4)``.
+def reference_tokens(pipe, pixels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One example's reference canvases, each ``(1, 3, H, W)`` -> tokens ``(1, K·h·w, 4C)`` and ids ``(1, K·h·w, 4)``.
 
-    The k-th reference gets time coordinate ``10 + 10k`` exactly as `Flux2KleinPipeline.prepare_image_latents`.
+    `Flux2KleinPipeline.prepare_image_latents` itself: the k-th reference gets time coordinate ``10 + 10k``.
     """
-    b, k = ref_latents.shape[:2]
-    ids = pipe._prepare_image_ids([ref_latents[:1, i] for i in range(k)]).to(ref_latents.device)  # (1, N, 4)
-    tokens = torch.cat([pipe._pack_latents(ref_latents[:, i]) for i in range(k)], dim=1)
-    return tokens, ids.expand(b, -1, -1)
+    return pipe.prepare_image_latents(list(pixels), 1, None, pipe.vae.device, pipe.vae.dtype)
 
 
-def make_condition(pipe, prompt_embeds, text_ids, ref_latents: torch.Tensor | None) -> Condition:
-    if ref_latents is None or ref_latents.shape[1] == 0:
+def pack_references(pipe, ref_pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, K, 3, H, W)`` reference canvases -> tokens ``(B, K·h·w, 4C)`` and ids ``(B, K·h·w, 4)``."""
+    per_example = [reference_tokens(pipe, [ref_pixels[i, k : k + 1] for k in range(ref_pixels.shape[1])])
+                   for i in range(ref_pixels.shape[0])]
+    return torch.cat([t for t, _ in per_example]), torch.cat([i for _, i in per_example])
+
+
+def make_condition(pipe, prompt_embeds, text_ids, ref_pixels: torch.Tensor | None) -> Condition:
+    """The condition for ``(B, K, 3, H, W)`` reference canvases (in [-1, 1]) or none."""
+    if ref_pixels is None or ref_pixels.shape[1] == 0:
         return Condition(prompt_embeds, text_ids)
-    tokens, ids = pack_references(pipe, ref_latents)
-    return Condition(prompt_embeds, text_ids, tokens.to(prompt_embeds.dtype), ids)
+    tokens, ids = pack_references(pipe, ref_pixels)
+    return Condition(prompt_embeds, text_ids, tokens.to(prompt_embeds.dtype), ids.to(prompt_embeds.device))
 
 
 def transformer_forward(transformer, x: torch.Tensor, x_ids: torch.Tensor, sigma: torch.Tensor, cond: Condition):
@@ -238,8 +243,8 @@ def inference_sigmas(pipe, num_steps: int, image_seq_len: int, device=None) -> t
     sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
     if getattr(sched.config, "use_flow_sigmas", False):
         sigmas = None
-    mu = compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_steps)
-    retrieve_timesteps(sched, num_steps, device, sigmas=sigmas, mu=mu)
+    mu = da.compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_steps)
+    da.retrieve_timesteps(sched, num_steps, device, sigmas=sigmas, mu=mu)
     return sched.sigmas.float()
 
 
@@ -249,6 +254,11 @@ def initial_noise(pipe, batch: int, height: int, width: int, generator: torch.Ge
     h = 2 * (height // (pipe.vae_scale_factor * 2))
     w = 2 * (width // (pipe.vae_scale_factor * 2))
     return torch.randn((batch, c * 4, h // 2, w // 2), generator=generator).to(pipe.transformer.device)
+
+
+def noise_tokens(pipe, batch: int, height: int, width: int, generator: torch.Generator | None):
+    """Initial noise as tokens ``(B, h·w, 4C)`` (fp32) with their ids: `prepare_latents` with the noise drawn on the CPU."""
+    return pack_target(pipe, initial_noise(pipe, batch, height, width, generator))
 
 
 def sde_step(
@@ -292,9 +302,9 @@ def decode_tokens(pipe, tokens: torch.Tensor, ids: torch.Tensor, height: int, wi
     """Target tokens -> images, exactly the tail of `Flux2KleinPipeline.__call__` (unpack, de-normalise, decode)."""
     lh = 2 * (int(height) // (pipe.vae_scale_factor * 2))
     lw = 2 * (int(width) // (pipe.vae_scale_factor * 2))
-    lat = pipe._unpack_latents_with_ids(tokens, ids, lh // 2, lw // 2)  # (B, N, C) -> (B, 4C, h, w)
+    lat = da.unpack_tokens(pipe, tokens, ids, lh // 2, lw // 2)  # (B, N, C) -> (B, 4C, h, w)
     mean, std = _bn_mean_std(pipe.vae, lat)
-    lat = pipe._unpatchify_latents(lat * std + mean)  # (B, 4C, h, w) -> (B, C, 2h, 2w)
+    lat = da.unpatchify(pipe, lat * std + mean)  # (B, 4C, h, w) -> (B, C, 2h, 2w)
     image = pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0]
     return pipe.image_processor.postprocess(image, output_type=output_type)
 

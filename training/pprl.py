@@ -17,9 +17,7 @@ a prompt string, a trajectory record, ...).
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -78,30 +76,16 @@ class PPRLTrainer:
 
     def __init__(self, pipeline, config: PPRLConfig, prompts: Sequence[Any], reward_text: RewardFn,
                  reward_ref: RewardFn | None = None, proxy_prompter: Callable[[Any], ProxyPrompt] = plain_proxy):
-        from accelerate import Accelerator
-
         if not prompts:
             raise ValueError("PPRL needs at least one prompt / history")
         if reward_ref is None and config.text_weight < 1.0:
             raise ValueError("no reward_ref given: pass one or set text_weight 1.0")
         self.pipe, self.cfg, self.prompts = pipeline, config, list(prompts)
         self.reward_text, self.reward_ref, self.proxy_prompter = reward_text, reward_ref, proxy_prompter
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
-        pipeline.to(self.accelerator.device)
-        if config.lora_rank and not dl.has_lora(pipeline.transformer):
-            dl.add_lora(pipeline.transformer, config.lora_rank, config.lora_alpha, config.lora_target_modules)
-        self.modules = dl.set_trainable(pipeline, transformer=True, text_encoder=False, vae=False)
-        self.params = [p for p in pipeline.transformer.parameters() if p.requires_grad]
-        self.optimizer, self.lr_scheduler = dl.make_optimizer(
-            self.params, lr=config.learning_rate, weight_decay=config.weight_decay, total_steps=config.max_steps)
-        self.policy, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            pipeline.transformer, self.optimizer, self.lr_scheduler)
-        rank = self.accelerator.process_index
-        self.rng = random.Random(config.seed + 7919 * rank)
-        self.generator = torch.Generator().manual_seed(config.seed + 7919 * rank)
+        dl.setup(self, pipeline, config, schedule=config.lr_scheduler, warmup_steps=config.warmup_steps)
+        self.policy = self.run["transformer"]
         self._proxies: dict[int, ProxyPrompt] = {}
         self._conds: dict[int, tuple] = {}
-        self.step = 0
         self.history: list[dict] = []
 
     # -- sampling -----------------------------------------------------------------------------------
@@ -114,11 +98,10 @@ class PPRLTrainer:
     @torch.no_grad()
     def condition(self, proxy: ProxyPrompt) -> tuple[fm.Condition, fm.Condition | None]:
         cfg, pipe = self.cfg, self.pipe
-        kw = dict(max_sequence_length=cfg.max_sequence_length or prompt_max_length(pipe), text_encoder_out_layers=cfg.text_encoder_out_layers)
+        kw = dict(max_sequence_length=cfg.max_sequence_length or prompt_max_length(pipe))
         refs = None
         if proxy.references:
-            px = fm.to_pixels(pipe, proxy.references, cfg.height, cfg.width)
-            refs = fm.encode_images(pipe, px).unsqueeze(0)  # (1, K, 4C, h, w)
+            refs = fm.to_pixels(pipe, proxy.references, cfg.height, cfg.width).unsqueeze(0)  # (1, K, 3, H, W)
         cond = fm.make_condition(pipe, *fm.encode_text(pipe, [proxy.text], **kw), refs)
         uncond = fm.make_condition(pipe, *fm.encode_text(pipe, [""], **kw), refs) if cfg.guidance_scale > 1 else None
         g = cfg.group_size
@@ -175,11 +158,12 @@ class PPRLTrainer:
             loss = torch.mean(torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)))
             if cfg.beta > 0:
                 with torch.no_grad():
-                    self.pipe.transformer.disable_adapters()
+                    plain = self.accelerator.unwrap_model(self.policy)  # adapters switch on the module, not its wrapper
+                    plain.disable_adapters()
                     try:
                         v_ref = fm.guided_velocity(self.policy, x, ro.x_ids, sig, ro.cond, ro.uncond, cfg.guidance_scale)
                     finally:
-                        self.pipe.transformer.enable_adapters()
+                        plain.enable_adapters()
                     _, _, mean_ref, _ = fm.sde_step(v_ref, x, s, s_next, cfg.noise_level,
                                                    sigma_max_safe=float(sigmas[1]), prev_sample=ro.states[:, j + 1])
                 # Gaussian KL between the two step distributions (same std), averaged over dims like the log-prob.
@@ -206,14 +190,7 @@ class PPRLTrainer:
 
     def train(self) -> list[dict]:
         cfg, acc = self.cfg, self.accelerator
-        out = Path(cfg.output_dir)
-        ckpt = dl.latest_checkpoint(out) if cfg.resume else None
-        if cfg.resume and ckpt is None:
-            raise ValueError(f"--resume: no checkpoint under {out / 'checkpoints'}; drop --resume to start fresh")
-        if ckpt is not None:
-            state = dl.load_checkpoint(ckpt, self.pipe, self.optimizer, self.lr_scheduler)
-            dl.set_rng_state(state["rng"], self.generator, self.rng)
-            self.step = state["step"]
+        dl.resume(self)
         bar = tqdm(range(self.step, cfg.max_steps), initial=self.step, total=cfg.max_steps, desc="pprl",
                    disable=not acc.is_local_main_process)
         for step in bar:
@@ -221,34 +198,26 @@ class PPRLTrainer:
             rollouts = [self.rollout(i) for i in self.step_indices(step)]
             self.advantages(rollouts)
             stats = [self.policy_loss(ro, scale=1.0 / len(rollouts)) for ro in rollouts]
-            grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            lr = self.lr_scheduler.get_last_lr()[0]
+            grad_norm = dl.optimizer_step(self)
             self.step = step + 1
             rewards = torch.cat([ro.rewards for ro in rollouts])
             ratios = torch.cat([s["ratios"].flatten() for s in stats])
             rec = {"step": self.step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
                    "loss": sum(s["loss"] for s in stats) / len(stats), "ratio_mean": ratios.mean().item(),
-                   "zero_std_groups": sum(int(ro.rewards.std() < 1e-8) for ro in rollouts)}
+                   "zero_std_groups": sum(int(ro.rewards.std() < 1e-8) for ro in rollouts), "lr": lr}
             if grad_norm is not None:
-                rec["grad_norm"] = float(grad_norm)
+                rec["grad_norm"] = grad_norm
             if "kl" in stats[0]:
                 rec["kl"] = sum(s["kl"] for s in stats) / len(stats)
-            self.history.append(rec)
+            dl.log_step(self, rec)
             bar.set_postfix(reward=f"{rec['reward_mean']:.3f}")
-            if acc.is_main_process and cfg.log_every and self.step % cfg.log_every == 0:
-                dl.append_log(out, rec)
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
-                self.save_checkpoint()
-        self.save_checkpoint()
-        if acc.is_main_process:
-            dl.export_pipeline(self.pipe, out, card={"stage": "pprl", **asdict(cfg)})
-        acc.wait_for_everyone()
+            dl.maybe_checkpoint(self)
+        dl.finish(self, {"stage": "pprl", **asdict(cfg)})
         return self.history
 
     def save_checkpoint(self) -> None:
-        dl.save_trainer_checkpoint(self)
+        self.checkpointer.save(self.step)
 
 
 def shapeworld_reward(images: list[Image.Image], prompts: list[str], refs: list[list[Image.Image]]) -> list[float]:

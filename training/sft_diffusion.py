@@ -84,30 +84,11 @@ class SFTDiffusionTrainer:
     """``SFTDiffusionTrainer(pipeline, config, dataset).train()`` -> list of logged metrics."""
 
     def __init__(self, pipeline, config: SFTDiffusionConfig, dataset: SFTDiffusionDataset):
-        from accelerate import Accelerator
-
         self.pipe, self.cfg, self.dataset = pipeline, config, dataset
-        mult = pipeline.vae_scale_factor * 2
-        if config.height % mult or config.width % mult:
-            raise ValueError(f"height and width must be multiples of {mult} for this VAE, got {config.height}×{config.width}")
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
-        pipeline.to(self.accelerator.device)
-        if config.lora_rank and not dl.has_lora(pipeline.transformer):
-            dl.add_lora(pipeline.transformer, config.lora_rank, config.lora_alpha, config.lora_target_modules)
-        self.modules = dl.set_trainable(pipeline, transformer=config.train_transformer,
-                                        text_encoder=config.train_text_encoder, vae=config.train_vae)
-        params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
-        self.optimizer, self.lr_scheduler = dl.make_optimizer(
-            params, lr=config.learning_rate, weight_decay=config.weight_decay, total_steps=config.max_steps,
-            schedule=config.lr_scheduler, warmup_steps=config.warmup_steps, betas=(config.adam_beta1, config.adam_beta2))
-        # Forward through the prepared (DDP) wrappers so gradients synchronise; `pipe` keeps the plain modules.
-        wrapped = self.accelerator.prepare(*self.modules.values(), self.optimizer, self.lr_scheduler)
-        wrapped = wrapped if isinstance(wrapped, (list, tuple)) else [wrapped]
-        self.run = {n: w for n, w in zip(self.modules, wrapped)}
-        self.optimizer, self.lr_scheduler = wrapped[len(self.modules)], wrapped[len(self.modules) + 1]
-        self.rng = random.Random(config.seed + 7919 * self.accelerator.process_index)
-        self.generator = torch.Generator().manual_seed(config.seed + 7919 * self.accelerator.process_index)
-        self.step = 0
+        # The text encoder's layers above its last stacked output get no gradient: DDP must be told.
+        dl.setup(self, pipeline, config, transformer=config.train_transformer, text_encoder=config.train_text_encoder,
+                 vae=config.train_vae, find_unused_parameters=config.train_text_encoder, schedule=config.lr_scheduler,
+                 warmup_steps=config.warmup_steps, betas=(config.adam_beta1, config.adam_beta2))
         self.history: list[dict] = []
         self._perms: dict[int, list[int]] = {}
 
@@ -117,19 +98,30 @@ class SFTDiffusionTrainer:
         with Image.open(path) as im:
             return im.convert("RGB")
 
-    def batch_indices(self, step: int) -> list[int]:
-        """Examples of optimizer step ``step`` on this process: a function of the step, so resume is exact."""
+    def batch_keys(self, step: int) -> list[int]:
+        """Global positions of this process's examples at optimizer step ``step`` (rank ``r`` takes every N-th).
+
+        An example's position picks it from the epoch's shuffle and seeds its noise, σ and prompt dropout,
+        so a step trains on the same draws whatever the number of processes, and resume is exact.
+        """
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         per_step = self.cfg.batch_size * world
-        out = []
-        for k in range(step * per_step, (step + 1) * per_step):
-            epoch, pos = divmod(k, len(self.dataset))
-            if epoch not in self._perms:
-                perm = list(range(len(self.dataset)))
-                random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(perm)
-                self._perms = {epoch: perm}
-            out.append(self._perms[epoch][pos])
-        return out[rank::world]
+        return list(range(step * per_step, (step + 1) * per_step))[rank::world]
+
+    def batch_indices(self, step: int) -> list[int]:
+        """Examples of optimizer step ``step`` on this process: a function of the step, so resume is exact."""
+        return [self.example_at(k) for k in self.batch_keys(step)]
+
+    def example_at(self, key: int) -> int:
+        epoch, pos = divmod(key, len(self.dataset))
+        if epoch not in self._perms:
+            perm = list(range(len(self.dataset)))
+            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(perm)
+            self._perms = {epoch: perm}
+        return self._perms[epoch][pos]
+
+    def _draw_generator(self, key: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + 7919 * key + 1)
 
     @torch.no_grad()
     def set_bn_stats_from_data(self) -> None:
@@ -142,11 +134,16 @@ class SFTDiffusionTrainer:
 
     # -- loss ---------------------------------------------------------------------------------------
 
-    def loss(self, examples: Sequence[SFTExample]) -> tuple[torch.Tensor, dict]:
-        """Flow-matching loss on the target tokens (+ VAE reconstruction); micro-batches grouped by #references."""
+    def loss(self, examples: Sequence[SFTExample], keys: Sequence[int]) -> tuple[torch.Tensor, dict]:
+        """Flow-matching loss on the target tokens (+ VAE reconstruction); micro-batches grouped by #references.
+
+        ``keys`` (one per example, see ``batch_keys``) seed each example's dropout, σ and noise.
+        """
         cfg, pipe = self.cfg, self.pipe
-        prompts = fm.drop_conditions([e.prompt for e in examples], cfg.cfg_dropout, self.rng)
-        total, logs = 0.0, {}
+        gens = [self._draw_generator(k) for k in keys]
+        drop = [float(torch.rand((), generator=g)) < cfg.cfg_dropout for g in gens]
+        prompts = ["" if d else e.prompt for e, d in zip(examples, drop)]
+        total, logs, raws = 0.0, {}, []
         groups: dict[int, list[int]] = {}
         for i, e in enumerate(examples):
             groups.setdefault(min(len(e.references), cfg.max_references), []).append(i)
@@ -154,23 +151,22 @@ class SFTDiffusionTrainer:
             targets = fm.to_pixels(pipe, [self._open(examples[i].target) for i in idx], cfg.height, cfg.width)
             with torch.no_grad():  # targets are data: the VAE learns only from its reconstruction loss
                 raw = fm.raw_latents(pipe, targets)
-                if cfg.train_vae and self.pipe.vae.training:  # not while evaluating
-                    self._update_bn(raw)
+                raws.append(raw)
                 x0 = fm.normalize_latents(pipe, raw)
-                refs = None
+                ref_tokens = ref_ids = None
                 if k:
                     paths = [p for i in idx for p in examples[i].references[-k:]]
                     ref_px = fm.to_pixels(pipe, [self._open(p) for p in paths], cfg.height, cfg.width)
-                    refs = fm.encode_images(pipe, ref_px).unflatten(0, (len(idx), k))  # (B, K, 4C, h, w)
+                    ref_tokens, ref_ids = fm.pack_references(pipe, ref_px.unflatten(0, (len(idx), k)))  # (B, K, 3, H, W) -> (B, K·h·w, 4C)
             embeds, text_ids = fm.encode_text(
                 pipe, [prompts[i] for i in idx], text_encoder=self.run.get("text_encoder"),
-                max_sequence_length=cfg.max_sequence_length or prompt_max_length(pipe), text_encoder_out_layers=cfg.text_encoder_out_layers,
+                max_sequence_length=cfg.max_sequence_length or prompt_max_length(pipe),
             )
-            cond = fm.make_condition(pipe, embeds, text_ids, refs)
+            cond = fm.Condition(embeds, text_ids, None if ref_tokens is None else ref_tokens.to(embeds.dtype), ref_ids)
             x0_tok, x_ids = fm.pack_target(pipe, x0)  # (B, 4C, h, w) -> (B, h·w, 4C)
-            sigma = fm.sample_sigmas(len(idx), mean=cfg.logit_mean, std=cfg.logit_std, shift=cfg.timestep_shift,
-                                     generator=self.generator).to(x0.device)
-            noise = torch.randn(x0_tok.shape, generator=self.generator).to(x0_tok)
+            sigma = torch.cat([fm.sample_sigmas(1, mean=cfg.logit_mean, std=cfg.logit_std, shift=cfg.timestep_shift,
+                                                generator=gens[i]) for i in idx]).to(x0.device)
+            noise = torch.cat([torch.randn((1, *x0_tok.shape[1:]), generator=gens[i]) for i in idx]).to(x0_tok)
             x_t, target = fm.noisy_target(x0_tok, noise, sigma)
             transformer = self.run.get("transformer", pipe.transformer)
             with self.accelerator.autocast():
@@ -183,62 +179,54 @@ class SFTDiffusionTrainer:
                 rec = torch.mean((recon.float() - targets.float()) ** 2)
                 total = total + cfg.vae_loss_weight * rec * len(idx) / len(examples)
                 logs["vae_recon"] = rec.item()
+        if cfg.train_vae and self.pipe.vae.training:  # not while evaluating
+            self._update_bn(torch.cat(raws))
         return total, logs
 
     @torch.no_grad()
     def _update_bn(self, raw: torch.Tensor) -> None:
+        """EMA of the latent BN statistics over this micro-batch on every process (equal sizes, so the mean
+        of the processes' moments is the global one); every process makes the same update."""
         bn, m = self.pipe.vae.bn, self.cfg.bn_momentum
         x = raw.float().transpose(0, 1).flatten(1)  # (B, 4C, h, w) -> (4C, B·h·w)
-        bn.running_mean.mul_(1 - m).add_(m * x.mean(1))
-        bn.running_var.mul_(1 - m).add_(m * x.var(1))
+        moments = self.accelerator.reduce(torch.stack([x.mean(1), (x * x).mean(1)]), "mean")
+        mean, var = moments[0], (moments[1] - moments[0] ** 2).clamp_min(0.0)
+        bn.running_mean.mul_(1 - m).add_(m * mean.to(bn.running_mean))
+        bn.running_var.mul_(1 - m).add_(m * var.to(bn.running_var))
 
     # -- loop ---------------------------------------------------------------------------------------
 
     def train(self) -> list[dict]:
         cfg, acc = self.cfg, self.accelerator
-        out = Path(cfg.output_dir)
-        ckpt = dl.latest_checkpoint(out) if cfg.resume else None
-        if cfg.resume and ckpt is None:
-            raise ValueError(f"--resume: no checkpoint under {out / 'checkpoints'}; drop --resume to start fresh")
-        if ckpt is not None:
-            state = dl.load_checkpoint(ckpt, self.pipe, self.optimizer, self.lr_scheduler)
-            dl.set_rng_state(state["rng"], self.generator, self.rng)
-            self.step = state["step"]
-        elif cfg.set_bn_stats:
+        if not dl.resume(self) and cfg.set_bn_stats:
             self.set_bn_stats_from_data()
-        params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         micro = cfg.batch_size // cfg.gradient_accumulation_steps
         bar = tqdm(range(self.step, cfg.max_steps), initial=self.step, total=cfg.max_steps, desc="sft-diffusion",
                    disable=not acc.is_local_main_process)
         for step in bar:
-            examples = [self.dataset[i] for i in self.batch_indices(step)]
+            keys = self.batch_keys(step)
+            examples = [self.dataset[self.example_at(k)] for k in keys]
             step_loss, logs = 0.0, {}
             for s in range(0, len(examples), micro):
-                loss, logs = self.loss(examples[s : s + micro])
+                loss, logs = self.loss(examples[s : s + micro], keys[s : s + micro])
                 loss = loss / cfg.gradient_accumulation_steps
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"non-finite loss at step {step}: lower learning_rate or resume from the last checkpoint")
                 acc.backward(loss)
                 step_loss += loss.item()
-            grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step was taken with
+            grad_norm = dl.optimizer_step(self)
             self.step = step + 1
-            rec = {"step": self.step, "loss": step_loss, "lr": self.lr_scheduler.get_last_lr()[0], **logs}
+            # Every process has the same number of examples: the mean of their losses is the global batch's.
+            step_loss = acc.reduce(torch.tensor(step_loss, device=acc.device), "mean").item()
+            rec = {"step": self.step, "loss": step_loss, "lr": lr, **logs}
             if grad_norm is not None:
-                rec["grad_norm"] = float(grad_norm)
-            self.history.append(rec)
+                rec["grad_norm"] = grad_norm
+            dl.log_step(self, rec)
             bar.set_postfix(loss=f"{step_loss:.4f}")
-            if acc.is_main_process and cfg.log_every and self.step % cfg.log_every == 0:
-                dl.append_log(out, rec)
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
-                self.save_checkpoint()
-        self.save_checkpoint()
-        if acc.is_main_process:
-            dl.export_pipeline(self.pipe, out, card={"stage": "sft-diffusion", **asdict(cfg)})
-        acc.wait_for_everyone()
+            dl.maybe_checkpoint(self)
+        dl.finish(self, {"stage": "sft-diffusion", **asdict(cfg)})
         return self.history
 
     def save_checkpoint(self) -> None:
-        dl.save_trainer_checkpoint(self)
+        self.checkpointer.save(self.step)

@@ -23,18 +23,17 @@ from pathlib import Path
 
 def load(model: str, run: str | None):
     from diffusers import Flux2KleinPipeline
-    from safetensors.torch import load_file
 
     pipe = Flux2KleinPipeline.from_pretrained(model)
     step = None
     if run:
         from clvr_agent.training import diffusion_loop as dl
+        from clvr_agent.training.checkpointing import latest_checkpoint
 
-        ckpt = dl.latest_checkpoint(Path(run))
+        ckpt = latest_checkpoint(Path(run))
         if ckpt is None:
             raise SystemExit(f"no checkpoint under {run}/checkpoints yet")
-        dl.load_trainable_state(pipe, load_file(str(ckpt / "trainable.safetensors")))
-        step = int(ckpt.name.split("-")[1])
+        step = dl.apply_checkpoint(pipe, ckpt)
     pipe.set_progress_bar_config(disable=True)
     return pipe, step
 
