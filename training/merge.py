@@ -1,8 +1,9 @@
 """Δ-space weight merge (DSWM): W = W_base + λa·(W_aligned − W_base) + λd·(W_distilled − W_base).
 
-Streams row chunks of one tensor at a time from memory-mapped safetensors, computes in fp32, casts back
-to the base dtype and writes sharded safetensors plus an index, so peak anonymous memory is a few chunks
-whatever the checkpoint size. The aligned or distilled input may also be a peft LoRA adapter, densified
+Streams row chunks of one tensor at a time from memory-mapped safetensors (each a fresh fp32 copy, so
+the in-place arithmetic below never writes into a mapping), computes in fp32, casts back to the base dtype
+and writes sharded safetensors plus an index, so peak anonymous memory is a few chunks whatever the
+checkpoint size and dtype (`clvr bench merge`). The aligned or distilled input may also be a peft LoRA adapter, densified
 per module as ΔW = scaling · B @ A. A JSON report carries per-tensor diagnostics.
 """
 
