@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
-from clvr_agent.cli_common import controller_options, err, executor_options, fail
+from clvr_agent.cli_common import check_device, controller_options, err, executor_options, fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="CLVR: closed-loop verified reasoning for text-to-image.")
@@ -89,20 +89,11 @@ def generate(
     if controller is not None and controller not in controller_names():
         fail(f"unknown controller {controller!r}; known: {', '.join(controller_names())}")
     executor_options(backend, model, dtype, device, offload)  # its own one-line errors first
-    device, dtype = _check_device(backend, device, dtype)
+    device, dtype = check_device(backend, device, dtype)
     ex_opts = {**executor_options(backend, model, dtype, device, offload), **_key_values(executor_option)}
     ctl_opts = controller_options(controller, vlm, base_url, model_name, dtype, device)
     _run_loop(out, backend, controller, ex_opts, ctl_opts, settings, inputs, checkpointer, resume, overwrite,
               interactive, as_json)
-
-
-def _check_device(backend: str, device: str, dtype: str) -> tuple[str, str]:
-    """Real models on a device that is not there is an error, not a silent switch."""
-    if backend in ("flux2-klein", "clvr-mini") and device.startswith("cuda") and not _cuda_available():
-        if backend == "clvr-mini" and device == "cuda":  # the 10 MB model's documented default: CPU
-            return "cpu", "float32" if dtype == "bfloat16" else dtype
-        fail(f"--device {device}: no CUDA device is available; pass --device cpu")
-    return device, dtype
 
 
 def _key_values(items: list[str]) -> dict:
@@ -116,15 +107,6 @@ def _key_values(items: list[str]) -> dict:
         except ValueError:
             opts[key] = raw
     return opts
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 def _run_loop(out, backend, controller, ex_opts, ctl_opts, settings, inputs, checkpointer, resume, overwrite,

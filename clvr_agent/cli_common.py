@@ -40,3 +40,22 @@ def controller_options(controller: Optional[str], vlm, base_url, model_name, dty
             fail("--controller chat-model needs --base-url (an OpenAI-compatible server) and --model-name")
         return {"base_url": base_url, "model_name": model_name}
     return {}
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def check_device(backend: str, device: str, dtype: str) -> tuple[str, str]:
+    """Real models asked onto a CUDA device that is not there: an error, not a silent switch.
+    The one exception is clvr-mini's default (``--device cuda`` unchanged), documented to run on the CPU."""
+    if backend in ("flux2-klein", "clvr-mini") and device.startswith("cuda") and not cuda_available():
+        if backend == "clvr-mini" and device == "cuda":
+            return "cpu", "float32" if dtype == "bfloat16" else dtype
+        fail(f"--device {device}: no CUDA device is available; pass --device cpu")
+    return device, dtype

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from clvr_agent.agent_tool import RunSummary, final_png, run_summary, summarize_result
-from clvr_agent.cli_common import controller_options, executor_options, fail
+from clvr_agent.cli_common import check_device, controller_options, executor_options, fail
 
 if TYPE_CHECKING:
     from mcp.server.fastmcp import FastMCP
@@ -156,15 +156,6 @@ def build_server(runnable: Any, *, host: str = "127.0.0.1", port: int = 8000) ->
     return server
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
 def register(app: typer.Typer) -> None:
     """Mount ``clvr mcp`` on the CLI."""
 
@@ -196,10 +187,7 @@ def register(app: typer.Typer) -> None:
             fail('clvr mcp needs the mcp package: pip install -e ".[agents]"')
         if not 0 < port < 65536:
             fail(f"--port must be 1-65535, got {port}")
-        if backend in ("flux2-klein", "clvr-mini") and device.startswith("cuda") and not _cuda_available():
-            if backend != "clvr-mini" or device != "cuda":  # the 10 MB model's documented default is CPU
-                fail(f"--device {device}: no CUDA device is available; pass --device cpu")
-            device, dtype = "cpu", "float32" if dtype == "bfloat16" else dtype
+        device, dtype = check_device(backend, device, dtype)
         from clvr_agent.api import build_context, create_clvr
         from clvr_agent.tools.registry import MissingDependencyError, UnknownBackendError
 
