@@ -242,7 +242,7 @@ class Flux2KleinExecutor:
         }
         if info["prompt_tokens"] > self.max_sequence_length:
             logger.warning(
-                "accumulated prompt is %d tokens (limit %d): oldest instructions dropped, the prompt and latest kept",
+                "accumulated prompt is %d tokens (limit %d): oldest instructions dropped, the latest kept (and the prompt, cut if it must be)",
                 info["prompt_tokens"], self.max_sequence_length,
             )
         return GenerationOutput(image=image, nfe=nfe, seconds=seconds, info=info)
