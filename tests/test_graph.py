@@ -228,10 +228,26 @@ def test_interactive_pauses_after_plan_and_before_stop(tmp_path):
 
 
 def test_build_request_accumulates_instructions(tmp_path):
-    ctx = ClvrContext(executor=None, controller=None, settings=Settings(artifact_dir=str(tmp_path)))
-    state = {"prompt": "p", "seed": 1, "steps": [], "pending": Correction(instruction="p", mode="regenerate")}
+    """prompt + every accepted step's instruction + the pending one, in order; rejected steps and a
+    repeat of the prompt are left out; the last K canvases are the references of an edit."""
+    from clvr_agent.types import ImageRef, Step
+
+    ctx = ClvrContext(settings=Settings(artifact_dir=str(tmp_path), reference_window=2))
+
+    def step(i, instruction, accepted=True):
+        ref = ImageRef(path=f"/c{i}.png", sha256=str(i) * 8, width=8, height=8, size_bytes=1)
+        req = ExecutorRequest(mode="edit", instruction=instruction, accumulated_prompt="", seed=0)
+        return Step(index=i, iteration=i + 1, instruction=instruction, request=req, canvas=ref, accepted=accepted)
+
+    steps = [step(0, "p"), step(1, "add a blue square"), step(2, "recolor the star", accepted=False),
+             step(3, "move the circle left")]
+    state = {"prompt": "p", "seed": 1, "steps": steps, "pending": Correction(instruction="remove the cross")}
     req = build_request(state, ctx)
-    assert req.mode == "generate" and req.accumulated_prompt == "p"
+    assert req.accumulated_prompt == "p\nadd a blue square\nmove the circle left\nremove the cross"
+    assert req.mode == "edit" and [r.path for r in req.references] == ["/c1.png", "/c3.png"]
+    assert req.seed != build_request({**state, "steps": steps[:3]}, ctx).seed  # the step index moves the seed
+    fresh = build_request({**state, "pending": Correction(instruction="redraw", mode="regenerate")}, ctx)
+    assert fresh.mode == "generate" and fresh.references == []
 
 
 def test_unknown_backend_lists_known():
@@ -242,14 +258,29 @@ def test_unknown_backend_lists_known():
 
 
 def test_state_checkpoints_hold_no_pixels(tmp_path):
-    saver = InMemorySaver()
+    """Every checkpointed value is a record or a primitive: strict msgpack (no pickle fallback) can
+    write it, and a leaked PIL image or array could not pass."""
+    from clvr_agent.state import checkpoint_serde
+    from clvr_agent.types import _Record
+
+    saver = InMemorySaver(serde=checkpoint_serde())
     run, _, _ = make(tmp_path=tmp_path, checkpointer=saver)
     run.invoke({"prompt": "p"}, {"configurable": {"thread_id": "x"}})
-    state = run.graph.get_state({"configurable": {"thread_id": "x"}}).values
-    import pickle
+    primitives = (str, int, float, bool, type(None))
 
-    blob = pickle.dumps(state)
-    assert len(blob) < 20_000 and b"PNG" not in blob
+    def plain(value) -> bool:
+        if isinstance(value, _Record):
+            return all(plain(v) for v in value.__dict__.values())
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        return isinstance(value, primitives)
+
+    for snapshot in run.graph.get_state_history({"configurable": {"thread_id": "x"}}):
+        for key, value in snapshot.values.items():
+            assert plain(value), key
+    assert not plain(Image.new("RGB", (2, 2))) and not plain([np.zeros(2)])  # the check itself can fail
 
 
 def test_starting_reference_is_edited_not_redrawn(tmp_path):
