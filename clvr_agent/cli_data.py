@@ -75,58 +75,13 @@ def synth(
             raise _fail(str(exc)) from None
 
 
-def sft_vlm(
-    data: Path = typer.Option(..., "--data", help="A `clvr synth` folder (or a trajectory .jsonl)."),
-    model: str = typer.Option(..., "--model", help="Qwen3-VL to fine-tune: a local folder or a hub id."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (model + checkpoints)."),
-    lora: bool = typer.Option(False, "--lora/--full", help="LoRA on the language model, or a full fine-tune."),
-    lora_rank: int = typer.Option(16, help="LoRA rank (with --lora)."),
-    train_vision: bool = typer.Option(False, help="With --full: also train the vision tower (a model trained from scratch needs it)."),
-    dialogue: str = typer.Option("calls", help="calls (one per controller call, as the controller sends it) | trajectory (multi-turn)."),
-    max_steps: int = typer.Option(1000, help="Optimizer steps."),
-    batch_size: int = typer.Option(4, help="Conversations per step per process."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per step."),
-    learning_rate: float = typer.Option(1e-4, help="AdamW learning rate."),
-    image_size: int = typer.Option(512, help="Longer side of each canvas before the processor."),
-    max_length: int = typer.Option(32768, help="Longest conversation in tokens (longer is an error)."),
-    mixed_precision: str = typer.Option("no", help="no | fp16 | bf16."),
-    dtype: str = typer.Option("float32", help="Weights dtype when loading (float32 keeps AdamW exact)."),
-    checkpoint_every: int = typer.Option(500, help="Checkpoint every N steps."),
-    seed: int = typer.Option(0),
-    resume: bool = typer.Option(False, help="Continue from the newest checkpoint in --out."),
-) -> None:
-    """Supervised fine-tuning of the Qwen3-VL controller on synthesized trajectories (assistant-only loss)."""
-    from clvr_agent.training.sft_vlm import SFTVLMConfig, SFTVLMTrainer, TrajectoryDialogueDataset
-
-    try:
-        config = SFTVLMConfig(
-            output_dir=str(out), dialogue=dialogue, max_steps=max_steps, batch_size=batch_size,
-            gradient_accumulation_steps=grad_accum, learning_rate=learning_rate,
-            lora_rank=lora_rank if lora else 0, train_vision=train_vision, image_size=image_size, max_length=max_length,
-            mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, seed=seed, resume=resume,
-        )
-        dataset = TrajectoryDialogueDataset.from_path(data, dialogue=config.dialogue, image_size=config.image_size,
-                                                      history_token_budget=config.history_token_budget,
-                                                      history_images=config.history_images)
-        from clvr_agent.tools.qwen3_vl import load_qwen3_vl
-
-        vlm, processor = load_qwen3_vl(model, torch_dtype=dtype, device="cpu")  # accelerate places it
-        history = SFTVLMTrainer(vlm, processor, config, dataset).train()
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        raise _fail(str(exc).splitlines()[0]) from None
-    first, last = history[0] if history else None, history[-1] if history else None
-    if first is not None:
-        typer.echo(f"trained {len(dataset)} conversations; loss {first['loss']:.4f} -> {last['loss']:.4f} "
-                   f"(steps {first['step']}..{last['step']}); model: {out}")
-    else:
-        typer.echo(f"nothing to do: already at max_steps; model: {out}")
-
-
 def register(app: typer.Typer) -> None:
     """Add ``clvr synth``."""
     app.command("synth")(synth)
 
 
 def register_train(train_app: typer.Typer) -> None:
-    """Add ``clvr train sft-vlm``."""
-    train_app.command("sft-vlm")(sft_vlm)
+    """Add ``clvr train sft-vlm`` (its flags come from ``SFTVLMConfig``, like every ``clvr train`` command)."""
+    from clvr_agent.cli_train import register_sft_vlm
+
+    register_sft_vlm(train_app)

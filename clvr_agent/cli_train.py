@@ -1,9 +1,11 @@
-"""``clvr train sft-diffusion | distill | pprl``: one flag per config field, plus a JSON config file.
+"""``clvr train sft-diffusion | distill | pprl | sft-vlm``: one flag per config field, plus a JSON config file.
 
 Precedence: the config dataclass's defaults < ``--config file.json`` < flags. ``--model`` is a diffusers
-folder (``Flux2KleinPipeline``), ``--out`` the output folder (the config's ``output_dir``). The flags are
-built from the dataclass fields, so a new field is a new flag; nothing here imports torch until a
-command runs. Multi-GPU: ``accelerate launch -m clvr_agent.cli train …`` with the same flags.
+folder (``Flux2KleinPipeline``; for ``sft-vlm`` a Qwen3-VL folder or hub id), ``--out`` the output folder
+(the config's ``output_dir``). The flags are built from the dataclass fields (all four configs share
+``TrainConfig``), so a field has one spelling in every subcommand and a new field is a new flag; nothing
+here imports torch until a command runs. Multi-GPU: ``accelerate launch -m clvr_agent.cli train …`` with
+the same flags.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Callable, Optional
 import typer
 
 from clvr_agent.training.diffusion_configs import DistillConfig, PPRLConfig, SFTDiffusionConfig
+from clvr_agent.training.vlm_config import SFTVLMConfig
 
 train_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train FLUX.2 klein and the Qwen3-VL controller: SFT, distillation, PPRL.")
 
@@ -88,11 +91,18 @@ def _build_config(config_cls, config_file: Optional[Path], out: Optional[Path], 
         raise _fail(str(exc)) from None
 
 
-def _load_pipeline(model: Path):
+def _load_pipeline(model: Path, cfg):
+    """The klein folder as a pipeline; ``height = width = 0`` takes the folder's ``clvr_canvas.json``
+    draw size if it has one (the trainer otherwise takes the pipeline's native size)."""
     if not (model / "model_index.json").is_file():
         raise _fail(f"--model: {model} is not a diffusers folder (no model_index.json)")
     from diffusers import Flux2KleinPipeline
 
+    from clvr_agent.tools.flux2_klein import canvas_config
+
+    draw = canvas_config(model).get("draw_size")
+    if not cfg.height and draw:
+        cfg.height = cfg.width = int(draw)
     return Flux2KleinPipeline.from_pretrained(str(model))
 
 
@@ -118,11 +128,12 @@ def _read_prompts(path: Path) -> list:
     return items
 
 
-def _command(name: str, config_cls, extra: list[inspect.Parameter], run: Callable, help_text: str):
+def _command(name: str, config_cls, extra: list[inspect.Parameter], run: Callable, help_text: str, *,
+             app: typer.Typer = train_app, model_type=Path, model_help: str = "Diffusers folder of the model to train."):
     """Register a command whose signature is the common options + ``extra`` + one option per config field."""
     common = [
-        inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
-                          default=typer.Option(..., "--model", help="Diffusers folder of the model to train.")),
+        inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, annotation=model_type,
+                          default=typer.Option(..., "--model", help=model_help)),
         inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
                           default=typer.Option(None, "--out", help="Output folder (config output_dir).")),
         inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
@@ -138,15 +149,15 @@ def _command(name: str, config_cls, extra: list[inspect.Parameter], run: Callabl
         cfg = _build_config(config_cls, kwargs.pop("config_file"), kwargs.pop("out"), kwargs.pop("resume"), flags)
         try:
             history = run(cfg, **kwargs)
-        except (ValueError, FileNotFoundError) as exc:
-            raise _fail(str(exc)) from None
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            raise _fail(str(exc).splitlines()[0]) from None
         last = history[-1] if history else {}
         typer.echo(json.dumps({"out": cfg.output_dir, "steps": last.get("step", 0),
                                **{k: v for k, v in last.items() if k != "step"}}, default=str))
 
     command.__signature__ = inspect.Signature(common + extra + fields)
     command.__doc__ = help_text
-    train_app.command(name)(command)
+    app.command(name)(command)
 
 
 def _opt(name: str, annotation, *decls: str, default=..., help: str = "") -> inspect.Parameter:
@@ -158,14 +169,14 @@ def _run_sft(cfg, *, model: Path, data: Path):
     from clvr_agent.training.sft_diffusion import SFTDiffusionDataset, SFTDiffusionTrainer
 
     dataset = SFTDiffusionDataset.from_jsonl(data)
-    return SFTDiffusionTrainer(_load_pipeline(model), cfg, dataset).train()
+    return SFTDiffusionTrainer(_load_pipeline(model, cfg), cfg, dataset).train()
 
 
 def _run_distill(cfg, *, model: Path, prompts: Path):
     from clvr_agent.training.distill import DistillTrainer
 
     items = _read_prompts(prompts)
-    return DistillTrainer(_load_pipeline(model), cfg, items).train()
+    return DistillTrainer(_load_pipeline(model, cfg), cfg, items).train()
 
 
 REWARDS = ("shapeworld", "brightness")
@@ -193,7 +204,7 @@ def _run_pprl(cfg, *, model: Path, prompts: Path, reward: str):
                 parse_prompt(text)
             except ValueError as exc:
                 raise _fail(f"--reward shapeworld needs ShapeWorld prompts; {text!r}: {exc}") from None
-    trainer = PPRLTrainer(_load_pipeline(model), cfg, items, reward_text, pixel_similarity_reward)
+    trainer = PPRLTrainer(_load_pipeline(model, cfg), cfg, items, reward_text, pixel_similarity_reward)
     return trainer.train()
 
 
@@ -208,3 +219,23 @@ _command("pprl", PPRLConfig,
           _opt("reward", str, "--reward", default="shapeworld",
                help="R_text: shapeworld (GenEval partial credit from the ShapeWorld detector) or brightness (a toy).")],
          _run_pprl, "Proxy-prompt RL (Flow-GRPO) with R = w·R_text + (1-w)·R_ref (pixel similarity to the references).")
+
+
+def _run_sft_vlm(cfg, *, model: str, data: Path, dtype: str):
+    from clvr_agent.tools.qwen3_vl import load_qwen3_vl
+    from clvr_agent.training.sft_vlm import SFTVLMTrainer, TrajectoryDialogueDataset
+
+    dataset = TrajectoryDialogueDataset.from_path(data, dialogue=cfg.dialogue, image_size=cfg.image_size,
+                                                  history_token_budget=cfg.history_token_budget,
+                                                  history_images=cfg.history_images)
+    vlm, processor = load_qwen3_vl(model, torch_dtype=dtype, device="cpu")  # accelerate places it
+    return SFTVLMTrainer(vlm, processor, cfg, dataset).train()
+
+
+def register_sft_vlm(app: typer.Typer) -> None:
+    """``clvr train sft-vlm`` (added by ``cli_data.register_train``, next to ``clvr synth`` that feeds it)."""
+    _command("sft-vlm", SFTVLMConfig,
+             [_opt("data", Path, "--data", help="A `clvr synth` folder (or a trajectory .jsonl)."),
+              _opt("dtype", str, "--dtype", default="float32", help="Weights dtype when loading (float32 keeps AdamW exact).")],
+             _run_sft_vlm, "Supervised fine-tuning of the Qwen3-VL controller on synthesized trajectories (assistant-only loss).",
+             app=app, model_type=str, model_help="Qwen3-VL to fine-tune: a local folder or a hub id.")

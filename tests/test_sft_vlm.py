@@ -251,11 +251,17 @@ def test_cli_sft_vlm_on_synth_output(tmp_path):
     register_train(app)
     app.command("noop")(lambda: None)
     args = ["sft-vlm", "--data", str(data), "--model", str(tmp_path / "base"), "--out", str(tmp_path / "out"),
-            "--lora", "--lora-rank", "4", "--dialogue", "calls", "--max-steps", "2", "--batch-size", "1",
-            "--learning-rate", "1e-2"]
+            "--lora-rank", "4", "--dialogue", "calls", "--max-steps", "2", "--batch-size", "1",
+            "--learning-rate", "1e-2", "--checkpoint-every", "1", "--log-every", "1"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    assert "loss" in res.output and "(steps 1..2)" in res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and math.isfinite(summary["loss"])
+    # --config like every `clvr train` command; flags override it; a resumed run at max_steps does nothing new
+    (tmp_path / "cfg.json").write_text(json.dumps({"max_steps": 3, "gradient_accumulation_steps": 1}))
+    res = CliRunner().invoke(app, [*args, "--config", str(tmp_path / "cfg.json"), "--max-steps", "3", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["steps"] == 3
     trained, _ = load_qwen3_vl(str(tmp_path / "out"), torch_dtype="float32", device="cpu")
     base = dict(model.named_parameters())
     assert any(not torch.equal(p, base[n]) for n, p in trained.named_parameters())

@@ -73,12 +73,14 @@ class Checkpointer:
     """Save and restore one trainer's state; every process calls ``save`` and ``load``.
 
     ``modules``: names of the modules passed to ``accelerator.prepare`` (in that order) with their prepared
-    objects; ``schedule``: the (unprepared) LR scheduler; ``rngs``: this rank's generator and Random;
+    objects; ``schedule``: the (unprepared) LR scheduler; ``rngs``: this rank's own generator and Random, if
+    the trainer keeps any (accelerate saves every rank's global torch, numpy and python RNG itself);
     ``fingerprint``: settings a resumed run must repeat (a changed learning rate would be silently lost);
     ``extra``: name -> (get, set) for more tensor state kept by the main process (latent BN statistics).
     """
 
-    def __init__(self, accelerator, out_dir, *, modules: dict[str, Any], schedule, rngs: tuple[torch.Generator, random.Random],
+    def __init__(self, accelerator, out_dir, *, modules: dict[str, Any], schedule,
+                 rngs: tuple[torch.Generator, random.Random] | None = None,
                  keep: int = 2, fingerprint: dict | None = None,
                  extra: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] | None = None):
         self.acc, self.root = accelerator, Path(out_dir) / CHECKPOINTS
@@ -128,8 +130,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
-        generator, rng = self.rngs
-        torch.save({"generator": generator.get_state(), "python": rng.getstate()}, tmp / f"rng_{acc.process_index}.pt")
+        own = {} if self.rngs is None else {"generator": self.rngs[0].get_state(), "python": self.rngs[1].getstate()}
+        torch.save(own, tmp / f"rng_{acc.process_index}.pt")
         if acc.is_main_process:
             torch.save({"lr_scheduler": self.schedule.state_dict(), **{k: get() for k, (get, _) in self.extra.items()}},
                        tmp / STATE_FILE)
@@ -163,9 +165,10 @@ class Checkpointer:
         self.schedule.load_state_dict(state["lr_scheduler"])
         for k, (_, put) in self.extra.items():
             put(state[k])
-        rngs = torch.load(rng_file, map_location="cpu", weights_only=True)
-        self.rngs[0].set_state(rngs["generator"])
-        self.rngs[1].setstate(_as_random_state(rngs["python"]))
+        if self.rngs is not None:
+            own = torch.load(rng_file, map_location="cpu", weights_only=True)
+            self.rngs[0].set_state(own["generator"])
+            self.rngs[1].setstate(_as_random_state(own["python"]))
         return int(meta["step"])
 
 

@@ -24,8 +24,7 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
@@ -44,11 +43,11 @@ from clvr_agent.tools.conversation import (
     training_conversation,
 )
 from clvr_agent.types import Correction, ImageRef, PassiveCheck, Step, Trajectory, Verdict
+from clvr_agent.training import checkpointing as ck
 from clvr_agent.training.diffusion_loop import append_log
+from clvr_agent.training.vlm_config import LORA_TARGET_MODULES, SFTVLMConfig  # noqa: F401 (re-exported)
 
 IGNORE_INDEX = -100
-# Attention and MLP projections of the language model (the vision tower and merger stay as they are).
-LORA_TARGET_MODULES = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
 TASKS = {  # task -> (system prompt at inference, reply schema)
     "plan": (prompts.PLAN_SYSTEM, PlanReply),
     "check": (prompts.CHECK_SYSTEM, PassiveCheck),
@@ -380,81 +379,16 @@ class AssistantOnlyCollator:
 # ---------------------------------------------------------------- config and trainer
 
 
-@dataclass
-class SFTVLMConfig:
-    """Supervised fine-tuning of the Qwen3-VL controller on verified trajectories (assistant-only loss)."""
-
-    output_dir: str = field(default="runs/sft-vlm", metadata={"help": "Model folder written at the end (LoRA merged); checkpoints under <output_dir>/checkpoints."})
-    dialogue: str = field(default="calls", metadata={"help": "calls: one conversation per controller call, exactly as the controller sends it at inference; trajectory: one interleaved multi-turn dialogue per trajectory."})
-    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
-    batch_size: int = field(default=4, metadata={"help": "Conversations per optimizer step per process (split into micro-batches)."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW peak learning rate."})
-    lr_scheduler: str = field(default="constant_with_warmup", metadata={"help": "constant | constant_with_warmup | linear | cosine."})
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip (0 disables)."})
-    lora_rank: int = field(default=0, metadata={"help": "LoRA rank on the language model's projections; 0 = full fine-tune."})
-    lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha; 0 means 2 × rank."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str = field(default=LORA_TARGET_MODULES, metadata={"help": "Regex over module names for LoRA."})
-    train_vision: bool = field(default=False, metadata={"help": "Full fine-tune only: also train the vision tower and merger."})
-    image_size: int = field(default=512, metadata={"help": "Longer side of each canvas before the processor (the controller's image_size)."})
-    history_token_budget: int = field(default=2048, metadata={"help": "The controller's history_token_budget for the 'Steps so far' text."})
-    history_images: int = field(default=2, metadata={"help": "The controller's history_images (used by dialogue='calls')."})
-    max_length: int = field(default=32768, metadata={"help": "Longest conversation in tokens; a longer one is an error, never cut."})
-    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (accelerate)."})
-    seed: int = field(default=0, metadata={"help": "Seed for data order and dropout."})
-    checkpoint_every: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps (0 = only at the end)."})
-    keep_checkpoints: int = field(default=2, metadata={"help": "How many checkpoints to keep."})
-    log_every: int = field(default=10, metadata={"help": "Append a line to <output_dir>/log.jsonl every N steps."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir."})
-
-    def __post_init__(self):
-        import re
-
-        if self.dialogue not in ("trajectory", "calls"):
-            raise ValueError(f"dialogue {self.dialogue!r}: use 'trajectory' (multi-turn) or 'calls' (one per controller call)")
-        if self.max_steps < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("max_steps, batch_size and gradient_accumulation_steps must be ≥ 1")
-        if self.batch_size % self.gradient_accumulation_steps:
-            raise ValueError(f"batch_size {self.batch_size} must be a multiple of gradient_accumulation_steps {self.gradient_accumulation_steps}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.lora_rank < 0:
-            raise ValueError("lora_rank must be ≥ 0 (0 = full fine-tune)")
-        if self.lora_rank and self.train_vision:
-            raise ValueError("train_vision applies to a full fine-tune: drop train_vision or set lora_rank 0")
-        if self.lora_rank and not self.lora_alpha:
-            self.lora_alpha = 2.0 * self.lora_rank
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        try:
-            re.compile(self.lora_target_modules)
-        except re.error as exc:
-            raise ValueError(f"lora_target_modules is not a valid regular expression ({exc})") from None
-        if self.image_size < 32:
-            raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}")
-        if self.max_length < 16:
-            raise ValueError(f"max_length must be at least 16 tokens, got {self.max_length}")
-        if self.lr_scheduler not in ("constant", "constant_with_warmup", "linear", "cosine"):
-            raise ValueError(f"lr_scheduler {self.lr_scheduler!r}: use constant, constant_with_warmup, linear or cosine")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision {self.mixed_precision!r}: use no, fp16 or bf16")
-        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
-            raise ValueError("checkpoint_every must be ≥ 0 and keep_checkpoints ≥ 1")
-
-
 class SFTVLMTrainer:
     """``SFTVLMTrainer(model, processor, config, dataset).train()`` -> list of logged metrics per step."""
 
     def __init__(self, model, processor, config: SFTVLMConfig, dataset: TrajectoryDialogueDataset):
         import torch
-        from accelerate import Accelerator
         from transformers import get_scheduler
 
         self.cfg, self.processor, self.dataset = config, processor, dataset
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
+        # A batch without canvases leaves a trained vision tower without gradient.
+        self.accelerator = ck.make_accelerator(config.mixed_precision, find_unused_parameters=config.train_vision)
         model.config.use_cache = False
         if config.lora_rank:
             from peft import LoraConfig, get_peft_model
@@ -476,7 +410,12 @@ class SFTVLMTrainer:
         opt = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         sched = get_scheduler(config.lr_scheduler, opt, num_warmup_steps=config.warmup_steps,
                               num_training_steps=config.max_steps)
-        self.run, self.optimizer, self.lr_scheduler = self.accelerator.prepare(model, opt, sched)
+        self.run, self.optimizer = self.accelerator.prepare(model, opt)
+        self.lr_scheduler = sched  # not prepared: see checkpointing.step_schedule
+        self.params = [p for p in self.run.parameters() if p.requires_grad]
+        self.checkpointer = ck.Checkpointer(self.accelerator, config.output_dir, modules={"model": self.run}, schedule=sched,
+                                            keep=config.keep_checkpoints,
+                                            fingerprint={"learning_rate": config.learning_rate, "lora_rank": config.lora_rank})
         self.step = 0
         self.history: list[dict] = []
 
@@ -515,11 +454,11 @@ class SFTVLMTrainer:
     def train(self) -> list[dict]:
         cfg, acc = self.cfg, self.accelerator
         out = Path(cfg.output_dir)
-        ckpt = latest_checkpoint(out) if cfg.resume else None
+        ckpt = ck.latest_checkpoint(out) if cfg.resume else None
         if cfg.resume and ckpt is None:
             raise ValueError(f"--resume: no checkpoint under {out / 'checkpoints'}; drop --resume to start fresh")
         if ckpt is not None:
-            self.step = self._load_checkpoint(ckpt)
+            self.step = self.checkpointer.load(ckpt)
         micro = cfg.batch_size // cfg.gradient_accumulation_steps
         self.run.train()
         bar = tqdm(range(self.step, cfg.max_steps), initial=self.step, total=cfg.max_steps, desc="sft-vlm",
@@ -538,12 +477,13 @@ class SFTVLMTrainer:
                     raise FloatingPointError(f"non-finite loss at step {step}: lower learning_rate or resume from the last checkpoint")
                 acc.backward(loss)
                 step_loss += loss.item()
+            lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step is taken with
             grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
             self.optimizer.step()
-            self.lr_scheduler.step()
+            ck.step_schedule(self.optimizer, self.lr_scheduler)
             self.optimizer.zero_grad(set_to_none=True)
             self.step = step + 1
-            rec = {"step": self.step, "loss": step_loss, "tokens": n_total, "lr": self.lr_scheduler.get_last_lr()[0]}
+            rec = {"step": self.step, "loss": step_loss, "tokens": n_total, "lr": lr}
             if grad_norm is not None:
                 rec["grad_norm"] = float(grad_norm)
             self.history.append(rec)
@@ -560,53 +500,9 @@ class SFTVLMTrainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
-    def _trainable_state(self) -> dict:
-        model = self.accelerator.unwrap_model(self.run)
-        return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
     def save_checkpoint(self) -> None:
-        """``checkpoints/step-N/``: trainable tensors (safetensors) + optimizer, schedule and RNG state."""
-        import torch
-        from safetensors.torch import save_file
-
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return
-        root = Path(self.cfg.output_dir) / "checkpoints"
-        final, tmp = root / f"step-{self.step:07d}", root / f".tmp-step-{self.step:07d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        state = self._trainable_state()
-        # Tied embeddings share storage; safetensors refuses shared tensors, so store independent copies.
-        save_file({k: v.clone() for k, v in state.items()}, str(tmp / "trainable.safetensors"))
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                    "lr_scheduler": self.lr_scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate()}, tmp / "training_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in sorted(root.glob("step-*"))[:-self.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _load_checkpoint(self, ckpt: Path) -> int:
-        import torch
-        from safetensors.torch import load_file
-
-        sd = load_file(str(ckpt / "trainable.safetensors"))
-        params = dict(self.accelerator.unwrap_model(self.run).named_parameters())
-        missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(sd))
-        if missing or set(sd) - set(params):
-            raise ValueError(f"checkpoint {ckpt} does not match this model/config (lora_rank, train_vision): "
-                             f"missing {missing[:3]}, unexpected {sorted(set(sd) - set(params))[:3]}")
-        with torch.no_grad():
-            for name, value in sd.items():
-                params[name].copy_(value.to(params[name]))
-        state = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        return int(state["step"])
+        """``checkpoints/step-N/`` through ``accelerator.save_state`` (see :mod:`~clvr_agent.training.checkpointing`)."""
+        self.checkpointer.save(self.step)
 
     def export(self, out: Path) -> Path:
         """Save a plain Qwen3-VL folder (safetensors, LoRA merged in place) plus the processor."""
@@ -620,6 +516,4 @@ class SFTVLMTrainer:
         return out
 
 
-def latest_checkpoint(out_dir: str | Path) -> Optional[Path]:
-    found = sorted((Path(out_dir) / "checkpoints").glob("step-*"))
-    return found[-1] if found else None
+latest_checkpoint = ck.latest_checkpoint
