@@ -270,3 +270,31 @@ def test_merge_child_keeps_inputs_out_of_anonymous_memory(tmp_path, idle_rss_mib
     assert above < 2 * largest + 24, f"{dtype}: peak RssAnon {above:.1f} MiB above idle for {total:.0f} MiB of inputs"
     out = _load_out(tmp_path / "out")
     assert len(out) == 16 and out["blocks.0.weight"].dtype == getattr(torch, dtype)
+
+
+def test_bench_merge_cli_rejects_an_unknown_dtype():
+    from typer.testing import CliRunner
+
+    from clvr_agent.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "merge", "--dtype", "float64"])
+    assert result.exit_code == 2 and "--dtype 'float64' is not one of float32, bfloat16, float16" in result.output
+
+
+@pytest.mark.slow
+def test_bench_merge_cli_reports_each_dtype_against_the_bound(tmp_path):
+    """Two of the three dtypes (each costs three child processes; the default runs all three)."""
+    from typer.testing import CliRunner
+
+    from clvr_agent.cli import app
+
+    out = tmp_path / "merge.json"
+    args = ["bench", "merge", "--dtype", "float32", "--dtype", "bfloat16", "--tensors", "2", "--rows", "256",
+            "--cols", "512", "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [r["dtype"] for r in report["rows"]] == ["float32", "bfloat16"] and report["pass"]
+    for row in report["rows"]:
+        assert row["budget_mb"] == 2 * row["largest_tensor_mb"] + 200 and row["peak_rss_above_idle_mb"] <= row["budget_mb"]
+    assert report["rows"][0]["largest_tensor_mb"] == 256 * 512 * 4 / 2**20
