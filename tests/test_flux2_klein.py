@@ -374,6 +374,12 @@ def test_native_draw_size_and_canvas_size(tiny_klein, tmp_path):
     finally:
         hook.remove()
     assert first.size == edit.size == inpaint.size == (128, 128)
+    # A region draw takes the folder's draw size as the native area: a 2:1 region of the 128² canvas
+    # is drawn 92×44 (≈ 64², multiples of 4) and resized into the region.
+    assert ex.native_side == 64
+    tile = ex.generate(req.model_copy(update={"mode": "inpaint", "region": Region(x0=0, y0=0, x1=64, y1=32),
+                                              "region_prompt": "a photo of a red circle"}), [first])
+    assert (tile.info["height"], tile.info["width"]) == (44, 92) and tile.image.size == (128, 128)
     tokens_64 = seen[0]  # 64x64 draw; an edit adds one 64x64 reference of the same length
     assert seen[4] == 2 * tokens_64
     assert ex.defaults() == (4, 1.0)  # the tiny fixture is distilled: "guidance" never applies to it
