@@ -164,6 +164,9 @@ def load_qwen3_vl_controller(
     Settings the caller leaves out come from the folder's ``clvr_controller.json``; ``max_new_tokens``
     then defaults to 512, or 4096 for a Thinking checkpoint.
     """
+    if vlm in SHIPPED and device == "cuda" and not torch.cuda.is_available():
+        # A shipped toy checkpoint's documented default is the CPU in float32 (as for clvr-mini).
+        device, torch_dtype = "cpu", "float32" if torch_dtype in ("bfloat16", torch.bfloat16) else torch_dtype
     model, processor = load_qwen3_vl(vlm, torch_dtype=torch_dtype, device=device)
     saved = controller_settings(vlm)
     for key in ("image_size", "history_token_budget", "history_images"):

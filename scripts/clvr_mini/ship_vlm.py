@@ -1,0 +1,63 @@
+"""Export a `clvr train sft-vlm` checkpoint (or finished run) of clvr-mini-vlm as a shippable Qwen3-VL folder.
+
+A finished run's output folder is already a model; a checkpoint (``checkpoints/step-N``) holds only the
+trainable tensors, so they are loaded into the init folder's model (the run trained every parameter:
+``--full --train-vision``) and saved with the processor and ``clvr_controller.json``.
+
+Usage: python scripts/clvr_mini/ship_vlm.py INIT_DIR CHECKPOINT_DIR OUT_DIR [--note TEXT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from clvr_agent.tools.qwen3_vl import CONTROLLER_SETTINGS, load_qwen3_vl
+
+MAX_MB = 30
+
+
+def export(init: Path, ckpt: Path, out: Path, note: str = "") -> dict:
+    model, processor = load_qwen3_vl(str(init), torch_dtype="float32", device="cpu")
+    sd = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(sd))
+    if missing or set(sd) - set(params):
+        raise SystemExit(f"{ckpt} does not hold every parameter of {init} (a --full --train-vision run): "
+                         f"missing {missing[:3]}, unexpected {sorted(set(sd) - set(params))[:3]}")
+    with torch.no_grad():
+        for name, value in sd.items():
+            params[name].copy_(value)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    model.config.use_cache = True
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    shutil.copyfile(init / CONTROLLER_SETTINGS, out / CONTROLLER_SETTINGS)
+    info = {"checkpoint": ckpt.name, "step": int(ckpt.name.rsplit("-", 1)[1]), "init": json.loads((init / "clvr_mini_vlm_init.json").read_text()),
+            "note": note}
+    (out / "clvr_mini_vlm.json").write_text(json.dumps(info, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
+    if size > MAX_MB:
+        raise SystemExit(f"{out} is {size:.1f} MB, over the {MAX_MB} MB the package allows")
+    return {**info, "megabytes": round(size, 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("init", type=Path)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--note", default="")
+    a = p.parse_args()
+    print(json.dumps(export(a.init, a.checkpoint, a.out, a.note)))
+
+
+if __name__ == "__main__":
+    main()
