@@ -221,9 +221,12 @@ _command("pprl", PPRLConfig,
          _run_pprl, "Proxy-prompt RL (Flow-GRPO) with R = w·R_text + (1-w)·R_ref (pixel similarity to the references).")
 
 
-def _run_sft_vlm(cfg, *, model: str, data: Path, dtype: str):
+def _run_sft_vlm(cfg, *, model: str, data: Path, dtype: str, full: bool):
     from clvr_agent.tools.qwen3_vl import load_qwen3_vl
     from clvr_agent.training.sft_vlm import SFTVLMTrainer, TrajectoryDialogueDataset
+
+    if full and cfg.lora_rank:
+        raise ValueError("--full asks for a full fine-tune: drop it or --lora-rank")
 
     dataset = TrajectoryDialogueDataset.from_path(data, dialogue=cfg.dialogue, image_size=cfg.image_size,
                                                   history_token_budget=cfg.history_token_budget,
@@ -236,6 +239,9 @@ def register_sft_vlm(app: typer.Typer) -> None:
     """``clvr train sft-vlm`` (added by ``cli_data.register_train``, next to ``clvr synth`` that feeds it)."""
     _command("sft-vlm", SFTVLMConfig,
              [_opt("data", Path, "--data", help="A `clvr synth` folder (or a trajectory .jsonl)."),
-              _opt("dtype", str, "--dtype", default="float32", help="Weights dtype when loading (float32 keeps AdamW exact).")],
+              _opt("dtype", str, "--dtype", default="float32", help="Weights dtype when loading (float32 keeps AdamW exact)."),
+              # The old spelling of --lora-rank 0 (the default), kept because scripts/clvr_mini/gpu_vlm.sh uses it.
+              inspect.Parameter("full", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                default=typer.Option(False, "--full", hidden=True))],
              _run_sft_vlm, "Supervised fine-tuning of the Qwen3-VL controller on synthesized trajectories (assistant-only loss).",
              app=app, model_type=str, model_help="Qwen3-VL to fine-tune: a local folder or a hub id.")

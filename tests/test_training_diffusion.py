@@ -300,6 +300,31 @@ def test_sde_sampler_with_zero_noise_is_the_pipeline_sampler():
     assert not torch.allclose(noisy[:, -1], states[:, -1])
 
 
+def test_flow_grpo_scheduler_steps_like_euler_at_zero_noise_and_scores_its_samples():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from clvr_agent.training import diffusers_adapter as da
+
+    pipe = _pipe(distilled=False)
+    euler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    grpo = fm.FlowGRPOScheduler.from_config(pipe.scheduler.config)
+    for sched in (euler, grpo):
+        da.retrieve_timesteps(sched, 4, None, sigmas=np.linspace(1.0, 0.25, 4), mu=da.compute_empirical_mu(16, 4))
+    gen = torch.Generator().manual_seed(0)
+    xe = xg = torch.randn(2, 16, 16, generator=gen)
+    for t in euler.timesteps:  # diffusers' own loop, the same velocities
+        v = torch.randn(xe.shape, generator=gen)
+        xe, xg = euler.step(v, t, xe).prev_sample, grpo.step(v, t, xg).prev_sample
+    torch.testing.assert_close(xg, xe)
+    # with noise: a Gaussian step whose log-prob is the density of what it drew, and re-scoring gives it back
+    x, v = torch.randn(2, 16, 16, generator=gen), torch.randn(2, 16, 16, generator=gen)
+    out = fm.FlowGRPOScheduler.sde_step(v, x, 0.8, 0.6, 0.7, sigma_max_safe=0.8, generator=gen)
+    want = torch.distributions.Normal(out.mean, out.std).log_prob(out.prev_sample).mean(dim=(1, 2))
+    torch.testing.assert_close(out.log_prob, want)
+    again = fm.FlowGRPOScheduler.sde_step(v, x, 0.8, 0.6, 0.7, sigma_max_safe=0.8, prev_sample=out.prev_sample)
+    assert torch.equal(again.log_prob, out.log_prob)
+
+
 def test_pprl_on_policy_ratio_is_exactly_one(tmp_path):
     from clvr_agent.training.pprl import PPRLTrainer
 
@@ -343,6 +368,55 @@ def test_configs_reject_bad_input_with_a_fix(cls, kw, match):
 
     with pytest.raises(ValueError, match=match):
         getattr(diffusion_configs, cls)(**kw)
+
+
+def test_sizes_default_to_the_models_native_size(tmp_path, sft_data):
+    from typer.testing import CliRunner
+
+    from clvr_agent.cli_train import train_app
+    from clvr_agent.training import diffusion_loop as dl
+    from clvr_agent.training.distill import DistillConfig, DistillTrainer
+
+    pipe = _pipe(distilled=False)
+    assert dl.native_size(pipe) == 256  # default_sample_size 128 × the tiny VAE's scale factor 2 (klein: 1024)
+    tr = DistillTrainer(pipe, DistillConfig(output_dir=str(tmp_path / "d"), max_sequence_length=SEQ), ["a red circle"])
+    assert (tr.cfg.height, tr.cfg.width) == (256, 256)
+    x, _ = fm.noise_tokens(pipe, 1, tr.cfg.height, tr.cfg.width, None)
+    assert x.shape[1] == (256 // 4) ** 2  # the student's σ grid is computed for these 4096 tokens
+    with pytest.raises(ValueError, match="both be > 0, or both 0"):
+        DistillConfig(height=64)
+    # a folder that names its draw size (clvr-mini's clvr_canvas.json) trains at that size
+    model = tmp_path / "model"
+    pipe.save_pretrained(model)
+    (model / "clvr_canvas.json").write_text(json.dumps({"draw_size": H, "canvas_size": 64}))
+    res = CliRunner().invoke(train_app, ["sft-diffusion", "--model", str(model), "--data", str(sft_data), "--out",
+                                         str(tmp_path / "o"), "--max-steps", "1", "--batch-size", "2",
+                                         "--bn-stats-samples", "2", "--max-sequence-length", str(SEQ)])
+    assert res.exit_code == 0, res.output
+    card = json.loads((tmp_path / "o" / "training_args.json").read_text())
+    assert (card["height"], card["width"]) == (H, W)
+
+
+def test_text_encoder_out_layers_come_from_the_folder(tmp_path):
+    from diffusers import Flux2KleinPipeline
+
+    from clvr_agent.tools.flux2_klein import OUT_LAYERS_KEY, Flux2KleinExecutor, text_encoder_out_layers
+    from clvr_agent.types import ExecutorRequest
+
+    pipe = _pipe()
+    default = fm.encode_text(pipe, ["a red canvas"], max_sequence_length=SEQ)[0]
+    setattr(pipe.text_encoder.config, OUT_LAYERS_KEY, [9, 18, 26])
+    pipe.save_pretrained(tmp_path / "m")
+    loaded = Flux2KleinPipeline.from_pretrained(tmp_path / "m")
+    assert text_encoder_out_layers(loaded) == (9, 18, 26)
+    with torch.no_grad():
+        got = fm.encode_text(loaded, ["a red canvas"], max_sequence_length=SEQ)[0]
+        want = loaded.encode_prompt(["a red canvas"], max_sequence_length=SEQ, text_encoder_out_layers=(9, 18, 26))[0]
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, default)
+    request = ExecutorRequest(mode="generate", instruction="a", accumulated_prompt="a red canvas", seed=0)
+    _, kwargs = Flux2KleinExecutor(loaded)._call_arguments(request, [])
+    assert tuple(kwargs["text_encoder_out_layers"]) == (9, 18, 26)
 
 
 def test_cli_sft_diffusion_runs_and_rejects_bad_flags(tmp_path, sft_data):

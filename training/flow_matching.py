@@ -13,7 +13,6 @@ Nothing here is under ``torch.no_grad``: trainers differentiate through these he
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from clvr_agent.tools.flux2_klein import text_encoder_out_layers
@@ -237,9 +237,9 @@ def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, num_target_toke
 def inference_sigmas(pipe, num_steps: int, image_seq_len: int, device=None) -> torch.Tensor:
     """The σ grid ``(num_steps + 1,)`` ending in 0 that `Flux2KleinPipeline.__call__` steps through.
 
-    Uses a copy of the scheduler so the shared one is never mutated.
+    Uses a fresh scheduler of the pipeline's config, so the shared one is never mutated.
     """
-    sched = copy.deepcopy(pipe.scheduler)
+    sched = FlowGRPOScheduler.from_config(pipe.scheduler.config)
     sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
     if getattr(sched.config, "use_flow_sigmas", False):
         sigmas = None
@@ -261,41 +261,66 @@ def noise_tokens(pipe, batch: int, height: int, width: int, generator: torch.Gen
     return pack_target(pipe, initial_noise(pipe, batch, height, width, generator))
 
 
-def sde_step(
-    v: torch.Tensor,
-    x: torch.Tensor,
-    sigma: float | torch.Tensor,
-    sigma_next: float | torch.Tensor,
-    noise_level: float,
-    *,
-    sigma_max_safe: float,
-    generator: torch.Generator | None = None,
-    prev_sample: torch.Tensor | None = None,
-):
-    """Flow-GRPO's reverse-time SDE step with the ODE's marginals, in fp32.
+@dataclass
+class SDEStepOutput:
+    prev_sample: torch.Tensor  # x' (B, ...) fp32
+    log_prob: torch.Tensor  # log p(x'|x) averaged over each sample's dims (B,)
+    mean: torch.Tensor  # μ
+    std: float
 
-    ``g = a·sqrt(σ/(1-σ))`` (σ = 1 uses ``sigma_max_safe``, the next grid point, to avoid /0);
-    ``μ = x + dt·[v + g²/(2σ)·(x + (1-σ)v)]``; ``x' = μ + g·sqrt(-dt)·z``. Returns
-    ``(x', log p(x'|x) averaged over the dims of each sample (B,), μ, std)``. With ``a = 0`` it is the Euler
-    ODE step (log-prob 0). Pass ``prev_sample`` to score a stored sample instead of drawing one.
+
+class FlowGRPOScheduler(FlowMatchEulerDiscreteScheduler):
+    """diffusers' flow-matching Euler scheduler whose step can be Flow-GRPO's reverse-time SDE.
+
+    ``step(..., noise_level=0)`` is the parent's Euler step; with ``noise_level = a > 0`` it samples the SDE
+    with the ODE's marginals and returns the step's Gaussian log-prob. Build it from a pipeline's own
+    scheduler: ``FlowGRPOScheduler.from_config(pipe.scheduler.config)``.
     """
-    v, x = v.float(), x.float()
-    sigma, sigma_next = float(sigma), float(sigma_next)
-    dt = sigma_next - sigma
-    if noise_level == 0.0:
-        mean = x + dt * v
-        out = mean if prev_sample is None else prev_sample.float()
-        return out, torch.zeros(x.shape[0], device=x.device), mean, 0.0
-    s_safe = sigma if sigma < 1.0 else sigma_max_safe
-    g = noise_level * math.sqrt(s_safe / (1.0 - s_safe))
-    mean = x + dt * (v + (g * g) / (2.0 * sigma) * (x + (1.0 - sigma) * v))
-    std = g * math.sqrt(-dt)
-    if prev_sample is None:
-        z = torch.randn(x.shape, generator=generator).to(x.device)
-        prev_sample = mean + std * z
-    prev_sample = prev_sample.float()
-    logp = -((prev_sample.detach() - mean) ** 2) / (2 * std * std) - math.log(std) - 0.5 * math.log(2 * math.pi)
-    return prev_sample, logp.mean(dim=tuple(range(1, logp.dim()))), mean, std
+
+    @staticmethod
+    def sde_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: float | torch.Tensor,
+                 sigma_next: float | torch.Tensor, noise_level: float, *, sigma_max_safe: float,
+                 generator: torch.Generator | None = None, prev_sample: torch.Tensor | None = None) -> SDEStepOutput:
+        """One step from σ to σ', in fp32: ``g = a·sqrt(σ/(1-σ))`` (σ = 1 uses ``sigma_max_safe``, the next
+        grid point, to avoid /0); ``μ = x + dt·[v + g²/(2σ)·(x + (1-σ)v)]``; ``x' = μ + g·sqrt(-dt)·z``.
+        ``a = 0`` is the Euler ODE step (log-prob 0). ``prev_sample`` scores a stored sample instead of drawing one.
+        """
+        v, x = model_output.float(), sample.float()
+        sigma, sigma_next = float(sigma), float(sigma_next)
+        dt = sigma_next - sigma
+        if noise_level == 0.0:
+            mean = x + dt * v
+            out = mean if prev_sample is None else prev_sample.float()
+            return SDEStepOutput(out, torch.zeros(x.shape[0], device=x.device), mean, 0.0)
+        s_safe = sigma if sigma < 1.0 else sigma_max_safe
+        g = noise_level * math.sqrt(s_safe / (1.0 - s_safe))
+        mean = x + dt * (v + (g * g) / (2.0 * sigma) * (x + (1.0 - sigma) * v))
+        std = g * math.sqrt(-dt)
+        if prev_sample is None:
+            z = torch.randn(x.shape, generator=generator).to(x.device)
+            prev_sample = mean + std * z
+        prev_sample = prev_sample.float()
+        logp = -((prev_sample.detach() - mean) ** 2) / (2 * std * std) - math.log(std) - 0.5 * math.log(2 * math.pi)
+        return SDEStepOutput(prev_sample, logp.mean(dim=tuple(range(1, logp.dim()))), mean, std)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, *, noise_level: float = 0.0,
+             generator: torch.Generator | None = None, prev_sample: torch.Tensor | None = None,
+             return_dict: bool = True, **_):
+        """The scheduler's step at its current index (as diffusers' loop calls it), SDE when ``noise_level > 0``."""
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i = self.step_index
+        out = self.sde_step(model_output, sample, self.sigmas[i], self.sigmas[i + 1], noise_level,
+                            sigma_max_safe=float(self.sigmas[1]), generator=generator, prev_sample=prev_sample)
+        self._step_index += 1
+        return out if return_dict else (out.prev_sample,)
+
+
+def sde_step(v, x, sigma, sigma_next, noise_level, *, sigma_max_safe, generator=None, prev_sample=None):
+    """``FlowGRPOScheduler.sde_step`` as a tuple ``(x', log-prob (B,), μ, std)``."""
+    o = FlowGRPOScheduler.sde_step(v, x, sigma, sigma_next, noise_level, sigma_max_safe=sigma_max_safe,
+                                   generator=generator, prev_sample=prev_sample)
+    return o.prev_sample, o.log_prob, o.mean, o.std
 
 
 def decode_tokens(pipe, tokens: torch.Tensor, ids: torch.Tensor, height: int, width: int, *, output_type="pil"):

@@ -33,7 +33,7 @@ SFT_DATA=$SFT_DATA bash scripts/clvr_mini/stage2_sft.sh > "$W/stage2.log" 2>&1
 inherit "$W/sft"
 ev sft "$W/sft"
 python scripts/clvr_mini/stage3_pprl.py --model "$W/sft" --data "$SFT_DATA" --out "$W/pprl" \
-  --steps "${PPRL_STEPS:-30}" --guidance "$GUIDANCE" > "$W/stage3.log" 2>&1
+  --max-steps "${PPRL_STEPS:-30}" --guidance-scale "$GUIDANCE" > "$W/stage3.log" 2>&1
 inherit "$W/pprl"
 ev pprl "$W/pprl"
 bash scripts/clvr_mini/stage5_merge.sh "$W/pprl" > "$W/stage5.log" 2>&1

@@ -11,7 +11,7 @@ wrong canvas as reference). R = w·R_text + (1-w)·R_ref with
 This is ``clvr train pprl --reward shapeworld`` except for the two reward details above, which the CLI
 cannot express yet (see docs/clvr_mini.md).
 
-  python scripts/clvr_mini/stage3_pprl.py --model clvr_mini_work/sft --out clvr_mini_work/pprl --steps 30
+  python scripts/clvr_mini/stage3_pprl.py --model clvr_mini_work/sft --out clvr_mini_work/pprl --max-steps 30
 """
 
 from __future__ import annotations
@@ -57,14 +57,14 @@ def main() -> None:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--data", type=Path, default=Path("clvr_mini_work/data_sft/data.jsonl"))
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--max-steps", type=int, default=30, help="optimizer steps (clvr train's --max-steps)")
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale of the rollouts (the base's own)")
+    p.add_argument("--guidance-scale", type=float, default=4.0, help="CFG scale of the rollouts (the base's own)")
     a = p.parse_args()
     torch.set_num_threads(1)
     cfg = PPRLConfig(
-        output_dir=str(a.out), height=64, width=64, max_steps=a.steps, num_steps=10, guidance_scale=a.guidance,
+        output_dir=str(a.out), height=64, width=64, max_steps=a.max_steps, num_steps=10, guidance_scale=a.guidance_scale,
         noise_level=0.7, group_size=8, groups_per_step=2, train_timestep_fraction=0.6, text_weight=0.8,
         learning_rate=3e-4, lora_rank=16, max_sequence_length=48, checkpoint_every=10, keep_checkpoints=1,
         resume=a.resume,
