@@ -197,6 +197,32 @@ def test_sft_resume_continues_at_the_right_step(tmp_path, sft_data):
         SFTDiffusionTrainer(_pipe(), changed, ds).train()
 
 
+def test_lora_checkpoint_holds_only_the_adapter_and_resumes(tmp_path, sft_data):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from clvr_agent.training import diffusion_loop as dl
+    from clvr_agent.training.sft_diffusion import SFTDiffusionDataset, SFTDiffusionTrainer
+
+    ds = SFTDiffusionDataset.from_jsonl(sft_data)
+    kw = dict(max_steps=3, batch_size=2, lora_rank=4, checkpoint_every=2)
+    straight = SFTDiffusionTrainer(_pipe(), _sft_config(tmp_path, **kw), ds)
+    straight.train()
+    ckpt = tmp_path / "sft-out" / "checkpoints" / "step-0000002"
+    keys = list(load_file(str(ckpt / "model.safetensors")))
+    assert keys and all("lora_" in k for k in keys)  # the frozen base weights are not copied into checkpoints
+    shutil.rmtree(tmp_path / "sft-out" / "checkpoints" / "step-0000003")  # as if killed after step 2
+    resumed = SFTDiffusionTrainer(_pipe(), _sft_config(tmp_path, resume=True, **kw), ds)
+    assert [h["loss"] for h in resumed.train()] == pytest.approx([h["loss"] for h in straight.history[2:]], rel=1e-6)
+    # a plain pipeline with the same adapter takes the checkpoint (what scripts/clvr_mini use mid-run)
+    probe = _pipe()
+    dl.add_lora(probe.transformer, 4, 8.0)
+    assert dl.apply_checkpoint(probe, tmp_path / "sft-out" / "checkpoints" / "step-0000003") == 3
+    for (n, a), b in zip(straight.pipe.transformer.state_dict().items(), probe.transformer.state_dict().values()):
+        torch.testing.assert_close(b, a, msg=n)
+
+
 def test_sft_lora_changes_only_the_adapter_and_exports_fused(tmp_path, sft_data):
     from diffusers import Flux2KleinPipeline
 
