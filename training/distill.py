@@ -81,7 +81,7 @@ class DistillTrainer:
             n = min(cfg.batch_size, cfg.num_pairs - start)
             idx = [(start + k) % len(self.prompts) for k in range(n)]
             for ref_count, group in _group_by_refs(self, idx).items():
-                x, x_ids = fm.pack_target(pipe, fm.initial_noise(pipe, len(group), cfg.height, cfg.width, self.generator))
+                x, x_ids = fm.noise_tokens(pipe, len(group), cfg.height, cfg.width, self.generator)
                 s_student = self.student_sigmas(x.shape[1])
                 traj, _ = fm.sample_flow(self.student, x, x_ids, self.batch_condition(group), teacher_grid(s_student, sub),
                                          uncond=self.batch_condition(group, uncond=True), guidance_scale=cfg.guidance_scale)

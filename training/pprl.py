@@ -115,8 +115,7 @@ class PPRLTrainer:
         if index not in self._conds:  # the text encoder and VAE are frozen here: encode each proxy once
             self._conds[index] = self.condition(proxy)
         cond, uncond = self._conds[index]
-        noise = fm.initial_noise(pipe, cfg.group_size, cfg.height, cfg.width, self.generator)
-        x, x_ids = fm.pack_target(pipe, noise)  # (G, 4C, h, w) -> (G, N, 4C)
+        x, x_ids = fm.noise_tokens(pipe, cfg.group_size, cfg.height, cfg.width, self.generator)  # (G, N, 4C)
         sigmas = fm.inference_sigmas(pipe, cfg.num_steps, x.shape[1])
         states, logps = fm.sample_flow(self.policy, x, x_ids, cond, sigmas, uncond=uncond,
                                        guidance_scale=cfg.guidance_scale, noise_level=cfg.noise_level,
