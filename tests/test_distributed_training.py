@@ -1,6 +1,6 @@
 """`clvr train sft-diffusion` with 2 CPU processes (torchrun, gloo) trains what 1 process trains.
 
-The same global batch (2 processes × 2 examples vs 1 × 4) must give the same learning rate at every
+The same global batch (2 processes × 2 micro-batches of 1 example vs 1 × 4) must give the same learning rate at every
 step, the same losses and weights within float tolerance, and a run resumed from a mid-run checkpoint
 must continue exactly as the uninterrupted one. The text encoder trains too, and the model folder
 stacks hidden states (9, 18, 26), so its top layer gets no gradient and DDP has to be told.
@@ -57,14 +57,14 @@ def worker(root) -> None:
     from safetensors.torch import save_file
 
     out = root / "two"
-    straight = _trainer(root, out, 2)
+    straight = _trainer(root, out, 2, gradient_accumulation_steps=2)
     straight.train()
     acc = straight.accelerator
     rank = acc.process_index
     if acc.is_main_process:
         shutil.rmtree(out / "checkpoints" / f"step-{STEPS:07d}")
     acc.wait_for_everyone()
-    resumed = _trainer(root, out, 2, resume=True)
+    resumed = _trainer(root, out, 2, gradient_accumulation_steps=2, resume=True)
     resumed.train()
     if rank == 0:
         (root / "two.json").write_text(json.dumps({"straight": straight.history, "resumed": resumed.history,

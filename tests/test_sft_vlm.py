@@ -265,5 +265,7 @@ def test_cli_sft_vlm_on_synth_output(tmp_path):
     trained, _ = load_qwen3_vl(str(tmp_path / "out"), torch_dtype="float32", device="cpu")
     base = dict(model.named_parameters())
     assert any(not torch.equal(p, base[n]) for n, p in trained.named_parameters())
+    bad = CliRunner().invoke(app, [*args, "--full"])  # the old spelling of --lora-rank 0 contradicts --lora-rank 4
+    assert bad.exit_code == 2 and "--full" in bad.output
     bad = CliRunner().invoke(app, ["sft-vlm", "--data", str(tmp_path / "nowhere"), "--model", "x/y", "--out", "o"])
     assert bad.exit_code == 2 and "no trajectory data" in bad.output

@@ -8,6 +8,7 @@ Single process or ``accelerate launch`` (DDP) with no change.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -208,11 +209,15 @@ class SFTDiffusionTrainer:
             examples = [self.dataset[self.example_at(k)] for k in keys]
             step_loss, logs = 0.0, {}
             for s in range(0, len(examples), micro):
-                loss, logs = self.loss(examples[s : s + micro], keys[s : s + micro])
-                loss = loss / cfg.gradient_accumulation_steps
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"non-finite loss at step {step}: lower learning_rate or resume from the last checkpoint")
-                acc.backward(loss)
+                with contextlib.ExitStack() as local:
+                    if s + micro < len(examples):  # gradients are all-reduced once, after the last micro-batch
+                        for module in self.run.values():
+                            local.enter_context(acc.no_sync(module))
+                    loss, logs = self.loss(examples[s : s + micro], keys[s : s + micro])
+                    loss = loss / cfg.gradient_accumulation_steps
+                    if not math.isfinite(loss.item()):
+                        raise FloatingPointError(f"non-finite loss at step {step}: lower learning_rate or resume from the last checkpoint")
+                    acc.backward(loss)
                 step_loss += loss.item()
             lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step was taken with
             grad_norm = dl.optimizer_step(self)
