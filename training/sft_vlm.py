@@ -21,6 +21,7 @@ they occur, and sets labels to -100 everywhere except each assistant span: from 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -470,12 +471,14 @@ class SFTVLMTrainer:
             if n_total == 0:
                 raise ValueError(f"step {step}: the batch has no assistant tokens; check the dataset")
             step_loss = 0.0
-            for b in batches:
-                loss, n = self.loss(b)
-                loss = loss * (n / n_total)  # token-weighted mean over the whole optimizer step
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"non-finite loss at step {step}: lower learning_rate or resume from the last checkpoint")
-                acc.backward(loss)
+            for k, b in enumerate(batches):
+                # gradients are all-reduced once, after the last micro-batch
+                with acc.no_sync(self.run) if k + 1 < len(batches) else contextlib.nullcontext():
+                    loss, n = self.loss(b)
+                    loss = loss * (n / n_total)  # token-weighted mean over the whole optimizer step
+                    if not math.isfinite(loss.item()):
+                        raise FloatingPointError(f"non-finite loss at step {step}: lower learning_rate or resume from the last checkpoint")
+                    acc.backward(loss)
                 step_loss += loss.item()
             lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step is taken with
             grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
