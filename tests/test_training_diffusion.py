@@ -367,6 +367,24 @@ def test_pprl_on_policy_ratio_is_exactly_one(tmp_path):
         torch.testing.assert_close(ro.advantages.mean(), torch.tensor(0.0), atol=1e-5, rtol=0)
 
 
+def test_pprl_resume_replays_the_same_rollouts(tmp_path):
+    import shutil
+
+    from clvr_agent.training.pprl import PPRLTrainer
+
+    prompts = ["a red circle", "a blue square"]
+    cfg = _pprl_config(tmp_path, max_steps=2, checkpoint_every=1, lr_scheduler="linear", learning_rate=1e-2)
+    straight = PPRLTrainer(_pipe(), cfg, prompts, _brightness)
+    straight.train()
+    shutil.rmtree(tmp_path / "pprl" / "checkpoints" / "step-0000002")
+    resumed = PPRLTrainer(_pipe(), _pprl_config(tmp_path, max_steps=2, checkpoint_every=1, lr_scheduler="linear",
+                                                learning_rate=1e-2, resume=True), prompts, _brightness)
+    (rec,) = resumed.train()  # the sampling noise continues from the checkpointed generator
+    want = straight.history[1]
+    assert rec["step"] == 2 and rec["lr"] == want["lr"] == 5e-3
+    assert (rec["reward_mean"], rec["loss"]) == pytest.approx((want["reward_mean"], want["loss"]), rel=1e-6)
+
+
 def test_pprl_raises_a_toy_reward(tmp_path):
     from clvr_agent.training.pprl import PPRLTrainer
 
