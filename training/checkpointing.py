@@ -102,7 +102,7 @@ class Checkpointer:
                 if keep is not None and k not in keep:
                     continue
                 # Tied weights share storage, which safetensors refuses: store an independent copy.
-                out[k] = v.detach().clone() if v.data_ptr() in seen else v.detach()
+                out[k] = v.detach().clone() if v.data_ptr() in seen else v.detach().contiguous()
                 seen.add(v.data_ptr())
             weights[i] = out
 
