@@ -147,3 +147,36 @@ def test_missing_or_broken_folders_name_the_path(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown torch dtype"):
         load_qwen3_vl_controller(vlm=str(tiny_dir), torch_dtype="bfloat17", device="cpu")
     assert json.loads((tiny_dir / "config.json").read_text())["model_type"] == "qwen3_vl"
+
+
+def test_clvr_mini_vlm_is_shipped_and_loads_by_name_through_the_qwen3_vl_controller():
+    """`--vlm clvr-mini-vlm`: the real Qwen3-VL classes from the package folder, with its controller settings."""
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+    from clvr_agent.tools.qwen3_vl import shipped_path
+    from clvr_agent.tools.registry import get_controller
+
+    folder = shipped_path("clvr-mini-vlm")
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= 30 * 2**20 and list(folder.glob("*.safetensors"))
+    ctl = get_controller("qwen3-vl", vlm="clvr-mini-vlm", torch_dtype="bfloat16", device="cuda")
+    assert isinstance(ctl.model.model, Qwen3VLForConditionalGeneration)
+    assert isinstance(ctl.model.processor, Qwen3VLProcessor)
+    assert ctl.model.model.dtype == torch.float32 or torch.cuda.is_available()  # the toy's CPU default
+    assert (ctl.image_size, ctl.name) == (128, "qwen3-vl")
+    # It was trained (a random init writes garbage): first-try valid plans whose checklist has the teacher's
+    # structure (ids per clause). It does not yet copy the prompt's words (README, "A learned controller").
+    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
+
+    ctl.max_retries = 0
+    for prompt in ("a photo of a red circle", "a photo of two stars"):
+        teacher = ShapeWorldController().plan(prompt)
+        assert [c.id for c in ctl.plan(prompt).constraints] == [c.id for c in teacher.constraints]
+
+
+def test_a_shipped_name_that_is_not_installed_says_where(monkeypatch, tmp_path):
+    import clvr_agent.tools.qwen3_vl as q
+
+    monkeypatch.setattr(q, "shipped_path", lambda name: tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="clvr-mini-vlm is not installed at"):
+        q.load_qwen3_vl("clvr-mini-vlm")

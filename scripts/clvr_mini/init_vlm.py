@@ -83,8 +83,8 @@ def main() -> None:
     p.add_argument("--intermediate", type=int, default=384)
     p.add_argument("--vision-hidden", type=int, default=64)
     p.add_argument("--vision-depth", type=int, default=2)
-    p.add_argument("--history-token-budget", type=int, default=1024)
-    p.add_argument("--history-images", type=int, default=1)
+    p.add_argument("--history-token-budget", type=int, default=2048, help="must match the sft-vlm run's")
+    p.add_argument("--history-images", type=int, default=2, help="must match the sft-vlm run's")
     p.add_argument("--max-new-tokens", type=int, default=400)
     a = p.parse_args()
     info = build(a.out, a.data, image_size=a.image_size, sample=a.sample, seed=a.seed,

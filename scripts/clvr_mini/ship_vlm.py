@@ -1,7 +1,7 @@
 """Export a `clvr train sft-vlm` checkpoint (or finished run) of clvr-mini-vlm as a shippable Qwen3-VL folder.
 
-A finished run's output folder is already a model; a checkpoint (``checkpoints/step-N``) holds only the
-trainable tensors, so they are loaded into the init folder's model (the run trained every parameter:
+A finished run's output folder is already a model; a checkpoint (``checkpoints/step-N``) holds the
+tensors, so they are loaded into the init folder's model (the run trained every parameter:
 ``--full --train-vision``) and saved with the processor and ``clvr_controller.json``.
 
 Usage: python scripts/clvr_mini/ship_vlm.py INIT_DIR CHECKPOINT_DIR OUT_DIR [--note TEXT]
@@ -24,8 +24,12 @@ MAX_MB = 30
 
 def export(init: Path, ckpt: Path, out: Path, note: str = "") -> dict:
     model, processor = load_qwen3_vl(str(init), torch_dtype="float32", device="cpu")
-    sd = load_file(str(ckpt / "trainable.safetensors"))
+    # checkpoints/step-N/model.safetensors (accelerate's save_state); older runs wrote trainable.safetensors
+    weights = ckpt / "model.safetensors" if (ckpt / "model.safetensors").is_file() else ckpt / "trainable.safetensors"
+    sd = load_file(str(weights))
     params = dict(model.named_parameters())
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # tied to the embeddings
     missing = sorted(set(params) - set(sd))
     if missing or set(sd) - set(params):
         raise SystemExit(f"{ckpt} does not hold every parameter of {init} (a --full --train-vision run): "
