@@ -169,18 +169,14 @@ def bench_eval_throughput(n: int = 60) -> dict:
 
 
 def bench_gpu() -> dict:
-    """Full-size klein-4B architecture at 1024² (random weights): needs an accelerator."""
+    """Full-size klein-4B and Qwen3-VL-8B architectures at 1024² (random weights): needs an accelerator."""
     import torch
 
     if not torch.cuda.is_available():
         return {"bench": "gpu", "skipped": "no CUDA device"}
-    import importlib.util
+    from clvr_agent.bench_gpu import run
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.run()
+    return run()
 
 
 def bench_merge_entry(repeat: int = 1) -> dict:
