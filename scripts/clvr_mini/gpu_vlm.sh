@@ -20,6 +20,8 @@ for k in $(seq 0 $((SHARDS - 1))); do
     --shard "$k/$SHARDS" --no-progress > "$W/synth-geneval-$k.log" 2>&1 &
 done
 wait || true  # a shard stopped by its timeout keeps every prompt it finished
+python scripts/clvr_mini/plan_calls.py "$W/data/plans" --n 20000 --seed 11 --prompts tiers
+python scripts/clvr_mini/plan_calls.py "$W/data/plans" --n 6000 --seed 12 --prompts geneval
 echo "data: $(cat "$W"/data/*/calls-*.jsonl | wc -l) calls after $(( $(date +%s) - t0 )) s"
 python scripts/clvr_mini/init_vlm.py "$W/init" --data "$W/data" --sample 4000 --hidden 128 --layers 4 \
   --intermediate 384 --image-size 128
