@@ -25,7 +25,7 @@ python scripts/clvr_mini/plan_calls.py "$W/data/plans" --n 6000 --seed 12 --prom
 echo "data: $(cat "$W"/data/*/calls-*.jsonl | wc -l) calls after $(( $(date +%s) - t0 )) s"
 python scripts/clvr_mini/init_vlm.py "$W/init" --data "$W/data" --sample 4000 --hidden 128 --layers 4 \
   --intermediate 384 --image-size 128
-timeout 300 clvr train sft-vlm --data "$W/data" --model "$W/init" --out "$W/run" --full --train-vision \
+timeout 300 clvr train sft-vlm --data "$W/data" --model "$W/init" --out "$W/run" --train-vision \
   --max-steps 20000 --batch-size 32 --learning-rate 2e-3 --image-size 128 --checkpoint-every 100 \
   --max-length 4096 --mixed-precision bf16 --seed 0 || true
 ckpt=$(ls -d "$W"/run/checkpoints/step-* | tail -1)

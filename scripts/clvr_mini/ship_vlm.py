@@ -2,7 +2,7 @@
 
 A finished run's output folder is already a model; a checkpoint (``checkpoints/step-N``) holds the
 tensors, so they are loaded into the init folder's model (the run trained every parameter:
-``--full --train-vision``) and saved with the processor and ``clvr_controller.json``.
+``--train-vision``, LoRA rank 0) and saved with the processor and ``clvr_controller.json``.
 
 Usage: python scripts/clvr_mini/ship_vlm.py INIT_DIR CHECKPOINT_DIR OUT_DIR [--note TEXT]
 """
@@ -32,7 +32,7 @@ def export(init: Path, ckpt: Path, out: Path, note: str = "") -> dict:
         sd.pop("lm_head.weight", None)  # tied to the embeddings
     missing = sorted(set(params) - set(sd))
     if missing or set(sd) - set(params):
-        raise SystemExit(f"{ckpt} does not hold every parameter of {init} (a --full --train-vision run): "
+        raise SystemExit(f"{ckpt} does not hold every parameter of {init} (a full fine-tune with --train-vision): "
                          f"missing {missing[:3]}, unexpected {sorted(set(sd) - set(params))[:3]}")
     with torch.no_grad():
         for name, value in sd.items():
