@@ -39,8 +39,7 @@ from clvr_agent.tools.conversation import (
     RenderOptions,
     constraint_lines,
     downscale,
-    estimate_tokens,
-    step_line,
+    render_history,
     training_conversation,
 )
 from clvr_agent.types import Correction, ImageRef, PassiveCheck, Step, Trajectory, Verdict
@@ -81,19 +80,9 @@ def _image(ref: ImageRef, root: Path) -> dict:
 
 
 def _history_text(history: Sequence[Step], budget: int) -> str:
-    """The controller's ``_history`` text: newest lines that fit the token budget, oldest first."""
-    lines: list[str] = []
-    for step in reversed(history):
-        line = step_line(step)
-        if estimate_tokens(line) > budget:
-            break
-        budget -= estimate_tokens(line)
-        lines.append(line)
-    omitted = len(history) - len(lines)
-    lines.reverse()
-    if omitted:
-        lines.insert(0, prompts.HISTORY_OMITTED.format(count=omitted))
-    return "\n".join(lines) or prompts.HISTORY_EMPTY
+    """The controller's history text (the one renderer's, without canvases): newest lines that fit
+    the token budget, oldest first."""
+    return render_history(history, None, RenderOptions(history_token_budget=budget, history_images=0))[0]
 
 
 def trajectory_exchanges(traj: Trajectory, root: Path, *, history_token_budget: int = 2048) -> list[Exchange]:
