@@ -88,9 +88,11 @@ def generate(
         fail(f"unknown backend {backend!r}; known: {', '.join(executor_names())}")
     if controller is not None and controller not in controller_names():
         fail(f"unknown controller {controller!r}; known: {', '.join(controller_names())}")
-    executor_options(backend, model, dtype, device, offload)  # its own one-line errors first
+    ex_opts = executor_options(backend, model, dtype, device, offload)  # its own one-line errors first
     device, dtype = check_device(backend, device, dtype)
-    ex_opts = {**executor_options(backend, model, dtype, device, offload), **_key_values(executor_option)}
+    if ex_opts:  # a real model: on the device check_device settled on
+        ex_opts.update(device=device, torch_dtype=dtype)
+    ex_opts.update(_key_values(executor_option))
     ctl_opts = controller_options(controller, vlm, base_url, model_name, dtype, device)
     _run_loop(out, backend, controller, ex_opts, ctl_opts, settings, inputs, checkpointer, resume, overwrite,
               interactive, as_json)
@@ -129,7 +131,7 @@ def _run_loop(out, backend, controller, ex_opts, ctl_opts, settings, inputs, che
         kind = checkpointer_kind(checkpointer)
         with locked(out):
             manifest = prepare_out_dir(out, inputs=inputs, resume=resume, overwrite=overwrite, checkpointer=kind)
-            ctx._store = ArtifactStore(out / "steps", base=out)  # refs relative to --out: the folder can move
+            ctx.use_store(ArtifactStore(out / "steps", base=out))  # refs relative to --out: the folder can move
             runnable = create_clvr(checkpointer=open_checkpointer(out, checkpointer), context=ctx)
             with _terminate_as_interrupt(), err.status("planning…") as status:
                 for mode, chunk in stream_run(runnable, out, manifest["inputs"], thread_id=manifest["thread_id"],

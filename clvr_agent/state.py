@@ -275,6 +275,10 @@ class ClvrContext(Settings):
             self._store = ArtifactStore(root)
         return self._store
 
+    def use_store(self, store: ArtifactStore) -> None:
+        """Write this context's canvases to ``store`` (a run folder's, say) instead of ``artifact_dir``."""
+        self._store = store
+
     def for_run(self) -> "ClvrContext":
         """A copy for one run: same configuration, models and store, its own cancel flag."""
         run = self.model_copy()
