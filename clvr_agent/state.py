@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from clvr_agent.errors import NoBackendsError
 from clvr_agent.store import ArtifactStore
 from clvr_agent.types import Correction, ImageRef, ModelCall, Plan, Status, Step
 
@@ -188,12 +189,11 @@ class ClvrState(TypedDict, total=False):
     steps: Annotated[list[Step], upsert_steps]
     model_calls: Annotated[list[ModelCall], operator.add]  # per run, one record per model call
     pending: Optional[Correction]
-    iteration: int
+    iterations: int  # the iteration in progress (1-based); at the end, how many the run took
     attempt: int
     status: Status
     stop_reason: str
     final_image: Optional[str]
-    iterations: int
     trajectory: dict
 
 
@@ -201,9 +201,9 @@ class ClvrContext(Settings):
     """What LangGraph passes to every node: plain, serializable run configuration.
 
     Every field has a default, so ``context={}`` (or a LangGraph assistant's stored context) means
-    the embedded ShapeWorld backend with the default settings. Models are looked up from the
-    per-process registry, keyed by ``backend``/``controller`` and their options, so a second run
-    loads nothing. Python callers may hand in live objects instead (``executor=``, ``controller=``
+    the embedded ShapeWorld backend with the default settings. Models are looked up by name in the
+    graph's :class:`~clvr_agent.protocols.Backends` (the app's: the per-process registry, keyed by
+    ``backend``/``controller`` and their options, so a second run loads nothing). Python callers may hand in live objects instead (``executor=``, ``controller=``
     with an object, ``store=``); those ride along as private attributes, never in the schema.
     ``settings=Settings(...)`` is accepted and flattened, for callers of the 0.1 API.
 
@@ -223,6 +223,7 @@ class ClvrContext(Settings):
     _executor: Any = PrivateAttr(None)
     _controller: Any = PrivateAttr(None)
     _store: Optional[ArtifactStore] = PrivateAttr(None)
+    _backends: Any = PrivateAttr(None)
     _cancel: threading.Event = PrivateAttr(default_factory=threading.Event)
 
     def __init__(self, **data: Any) -> None:
@@ -245,22 +246,34 @@ class ClvrContext(Settings):
         """The run settings alone (the fields this context shares with :class:`Settings`)."""
         return Settings(**{k: getattr(self, k) for k in Settings.model_fields})
 
-    def get_executor(self):
-        """The live executor: the one handed in, else the registry's (built once per process)."""
-        if self._executor is None:
-            from clvr_agent.tools.registry import get_executor
+    def use_backends(self, backends) -> "ClvrContext":
+        """Resolve this context's backend names through ``backends`` (a :class:`~clvr_agent.protocols.Backends`);
+        the graph does this with the source it was built with. Returns the context."""
+        if self._backends is None:
+            self._backends = backends
+        return self
 
-            self._executor = get_executor(self.backend, **self.executor_options)
+    def _resolve(self, kind: str):
+        if self._backends is None:
+            name = self.backend if kind == "executor" else (self.controller or f"the default for {self.backend!r}")
+            raise NoBackendsError(
+                f"no {kind}: the context names {name!r} but the graph has no backends to resolve it; build it "
+                f"with build_graph(backends=clvr_agent.tools.registry) (create_clvr does) or hand in {kind}=")
+        return self._backends
+
+    def get_executor(self):
+        """The live executor: the one handed in, else the backends' for ``backend`` (built once per process)."""
+        if self._executor is None:
+            self._executor = self._resolve("executor").get_executor(self.backend, **self.executor_options)
         return self._executor
 
     def get_controller(self):
-        """The live controller: the one handed in, else the registry's for ``controller`` (or the
+        """The live controller: the one handed in, else the backends' for ``controller`` (or the
         backend's default pairing)."""
         if self._controller is None:
-            from clvr_agent.tools.registry import default_controller, get_controller
-
-            name = self.controller or default_controller(self.backend)
-            self._controller = get_controller(name, **self.controller_options)
+            backends = self._resolve("controller")
+            name = self.controller or backends.default_controller(self.backend)
+            self._controller = backends.get_controller(name, **self.controller_options)
         return self._controller
 
     @property
@@ -284,6 +297,7 @@ class ClvrContext(Settings):
         run = self.model_copy()
         self.store  # resolve once, so every run of a runnable writes to the same folder
         run._executor, run._controller, run._store = self._executor, self._controller, self._store
+        run._backends = self._backends
         run._cancel = threading.Event()
         return run
 

@@ -17,6 +17,15 @@ from PIL import Image
 from clvr_agent.types import ImageRef
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _umask_mode()
+
+
 class ArtifactStore:
     """PNG files under ``root``. With ``base`` (a run folder), the refs it returns hold paths
     relative to ``base`` (``steps/<sha256>.png``), so the folder can be moved or copied whole."""
@@ -39,6 +48,7 @@ class ArtifactStore:
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
+                os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; a canvas is a shared output like any file
                 os.replace(tmp, path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

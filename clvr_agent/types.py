@@ -12,13 +12,13 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-TRAJECTORY_SCHEMA_VERSION = "1.1"  # 1.1 adds model_calls; 1.0 records still load
+TRAJECTORY_SCHEMA_VERSION = "1.2"  # 1.1 adds model_calls, 1.2 names a fresh drawing "generate"; older records load
 
 Status = Literal["running", "satisfied", "budget_exhausted", "no_progress", "failed"]
 StepMode = Literal["generate", "edit", "inpaint"]
-CorrectionMode = Literal["edit", "regenerate", "inpaint"]
+CorrectionMode = Literal["edit", "generate", "inpaint"]
 ConstraintKind = Literal["presence", "count", "color", "relation", "absence", "other"]
 
 
@@ -121,6 +121,12 @@ class Correction(_Record):
     region_prompt: Optional[str] = Field(None, description=(
         "With mode 'inpaint': what the region alone should show (e.g. 'a photo of a blue square'); the "
         "executor then draws the region afresh from it and pastes it into the canvas."))
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _old_mode_name(cls, value):
+        """Schema 1.0/1.1 records (and controllers trained on them) call a fresh drawing 'regenerate'."""
+        return "generate" if value == "regenerate" else value
 
 
 class ExecutorRequest(_Record):

@@ -1,8 +1,9 @@
 """The CLVR loop as a LangGraph ``StateGraph``: plan -> generate -> verify -> (correct -> generate)* -> stop.
 
 Nodes are small functions of ``(state, runtime)`` returning partial updates. ``runtime.context`` is
-a :class:`~clvr_agent.state.ClvrContext`: plain configuration that resolves its models through the
-per-process registry (or carries objects a Python caller handed in); the graph imports no concrete model.
+a :class:`~clvr_agent.state.ClvrContext`: plain configuration whose backend names resolve through the
+:class:`~clvr_agent.protocols.Backends` the graph is built with (or objects a Python caller handed in).
+This module imports only the core: no concrete model, no registry, no app.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from langgraph.types import interrupt
 from PIL import Image
 from pydantic import ValidationError
 
+from clvr_agent.protocols import Backends
+from clvr_agent.seeds import step_seed
 from clvr_agent.state import ClvrContext, ClvrInput, ClvrOutput, ClvrState, input_error, validate_prompt
 from clvr_agent.store import load_reference_image
-from clvr_agent.tools.base import Cancelled, ControllerOutputError, GenerationOutput
+from clvr_agent.protocols import GenerationOutput
+from clvr_agent.errors import Cancelled, ControllerCallError, ControllerOutputError
 from clvr_agent.types import IMAGE_ROOT, Constraint, Correction, ExecutorRequest, ModelCall, Plan, Step, Trajectory
 
 # ---------------------------------------------------------------- helpers
@@ -34,11 +38,6 @@ def _ctx(runtime: Runtime) -> ClvrContext:
     if ctx.store.base is not None:
         IMAGE_ROOT.set(str(ctx.store.base))
     return ctx
-
-
-def step_seed(seed: int, index: int) -> int:
-    """Every executor call gets its own seed, fixed by the run seed and the step index (resume-safe)."""
-    return (seed * 1_000_003 + index * 7919) % (2**31 - 1)
 
 
 def accepted_canvases(steps: list[Step]) -> list[Step]:
@@ -63,9 +62,9 @@ def stop_decision(state: ClvrState, ctx: ClvrContext) -> Optional[tuple[str, str
     if last is None or last.verdict is None:
         return None
     if last.verdict.satisfied:
-        return "satisfied", f"all constraints met at iteration {state['iteration']}"
+        return "satisfied", f"all constraints met at iteration {state['iterations']}"
     max_it = state.get("max_iterations") or ctx.max_iterations
-    if state["iteration"] >= max_it:
+    if state["iterations"] >= max_it:
         return "budget_exhausted", f"{max_it} iterations used"
     patience = ctx.patience
     scores = [s.verdict.score for s in accepted_canvases(steps) if s.verdict is not None]
@@ -85,7 +84,7 @@ class ModelCalls:
     def __init__(self, node: str, state: ClvrState, ctx: ClvrContext, step: Optional[int] = None):
         self.node, self.step, self.records = node, step, []
         self.meta = {"clvr_prompt": state.get("prompt", ""), "clvr_seed": state.get("seed"),
-                     "clvr_iteration": state.get("iteration", 0), "clvr_node": node,
+                     "clvr_iteration": state.get("iterations", 0), "clvr_node": node,
                      "clvr_backend": ctx.backend, "clvr_controller": ctx.controller or "default"}
 
     def __call__(self, model: str, method: str, fn: Callable, *args: Any, trace_input: Any = None) -> Any:
@@ -136,10 +135,6 @@ def _controller_call(calls: ModelCalls, ctx: ClvrContext, method: str, *args: An
                 raise ControllerCallError(f"{type(exc).__name__}: {exc}") from exc
 
 
-class ControllerCallError(RuntimeError):
-    """A controller call raised on every attempt."""
-
-
 # ---------------------------------------------------------------- nodes
 
 
@@ -159,7 +154,7 @@ def plan_prompt(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
     prompt = validate_prompt(state.get("prompt"), ctx.max_prompt_chars)
     seed = ctx.seed if state.get("seed") is None else state["seed"]
     init_refs = [ctx.store.put(load_reference_image(p)) for p in state.get("references") or []]
-    run = {"prompt": prompt, "seed": seed, "iteration": 1, "attempt": 0, "status": "running",
+    run = {"prompt": prompt, "seed": seed, "iterations": 1, "attempt": 0, "status": "running",
            "max_iterations": state.get("max_iterations") or ctx.max_iterations, "init_references": init_refs}
     runtime.stream_writer({"event": "node_start", "node": "plan"})
     calls = ModelCalls("plan", {**state, **run}, ctx)
@@ -173,7 +168,7 @@ def plan_prompt(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
         return {**run, "model_calls": calls.records, "status": "failed",
                 "stop_reason": f"controller failed to plan: {exc}"}
     runtime.stream_writer({"event": "node_end", "node": "plan", "constraints": len(plan.constraints)})
-    pending = Correction(instruction=plan.first_instruction, mode="edit" if init_refs else "regenerate",
+    pending = Correction(instruction=plan.first_instruction, mode="edit" if init_refs else "generate",
                          reasoning=plan.reasoning)
     return {**run, "plan": plan, "pending": pending, "model_calls": calls.records}
 
@@ -183,7 +178,7 @@ def review_plan(state: ClvrState) -> dict:
     answer = interrupt({"kind": "approve_plan", "plan": state["plan"].model_dump(mode="json")})
     if isinstance(answer, dict):
         plan = Plan.model_validate(answer)
-        return {"plan": plan, "pending": Correction(instruction=plan.first_instruction, mode="regenerate")}
+        return {"plan": plan, "pending": Correction(instruction=plan.first_instruction, mode="generate")}
     return {}
 
 
@@ -193,7 +188,7 @@ def build_request(state: ClvrState, ctx: ClvrContext) -> ExecutorRequest:
     pending = state["pending"]
     history = accepted_canvases(steps)
     canvases = list(state.get("init_references", [])) + [s.canvas for s in history]
-    mode = "generate" if pending.mode == "regenerate" or not canvases else pending.mode
+    mode = "generate" if not canvases else pending.mode
     k = ctx.reference_window
     refs = canvases[-k:] if mode != "generate" and k else []
     instructions = [s.instruction for s in history] + [pending.instruction]
@@ -237,7 +232,7 @@ def generate_canvas(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
         runtime.stream_writer({"event": "denoise", "step": index, "i": i, "of": total})
         return ctx.cancelled
 
-    step = Step(index=index, iteration=state["iteration"], attempt=state.get("attempt", 0),
+    step = Step(index=index, iteration=state["iterations"], attempt=state.get("attempt", 0),
                 instruction=pending.instruction, reasoning=pending.reasoning, request=request)
     calls = ModelCalls("generate", state, ctx, step=index)
     out, error = _draw(calls, ctx, request, progress)
@@ -253,11 +248,10 @@ def generate_canvas(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
     return {"steps": [step], "model_calls": calls.records}
 
 
-async def agenerate_canvas(state: ClvrState) -> dict:
+async def agenerate_canvas(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
     """The async form of ``generate`` (LangGraph servers run graphs async): the draw runs in a
     thread, and if the run is cancelled meanwhile the executor is told to stop after its current
     denoising step, so a cancelled run frees the accelerator instead of finishing its drawing."""
-    runtime = get_runtime(ClvrContext)
     draw = asyncio.ensure_future(asyncio.to_thread(generate_canvas, state, runtime))
     try:
         return await asyncio.shield(draw)
@@ -291,7 +285,7 @@ def verify_canvas(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
                 "steps": [step.model_copy(update={"error": str(exc)})], "model_calls": calls.records}
     timings = {**step.timings, "verify_s": time.perf_counter() - t0}
     step = step.model_copy(update={"passive": passive, "verdict": verdict, "timings": timings})
-    runtime.stream_writer({"event": "iteration", "iteration": state["iteration"], "score": verdict.score,
+    runtime.stream_writer({"event": "iteration", "iteration": state["iterations"], "score": verdict.score,
            "satisfied": verdict.satisfied, "unmet": [c.id for c in verdict.unmet()]})
     return {"steps": [step], "attempt": 0, "model_calls": calls.records}
 
@@ -300,7 +294,7 @@ def correct_canvas(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
     ctx = _ctx(runtime)
     steps = state["steps"]
     last = accepted_canvases(steps)[-1]
-    runtime.stream_writer({"event": "node_start", "node": "correct", "iteration": state["iteration"]})
+    runtime.stream_writer({"event": "node_start", "node": "correct", "iteration": state["iterations"]})
     calls = ModelCalls("correct", state, ctx, step=last.index)
     try:
         correction = _controller_call(calls, ctx, "correct", state["prompt"], state["plan"], last.verdict,
@@ -309,12 +303,12 @@ def correct_canvas(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
         return {"status": "failed", "stop_reason": f"controller could not correct: {exc}",
                 "model_calls": calls.records}
     runtime.stream_writer({"event": "node_end", "node": "correct", "instruction": correction.instruction, "mode": correction.mode})
-    return {"pending": correction, "iteration": state["iteration"] + 1, "attempt": 0, "model_calls": calls.records}
+    return {"pending": correction, "iterations": state["iterations"] + 1, "attempt": 0, "model_calls": calls.records}
 
 
 def review_stop(state: ClvrState) -> dict:
     """Human in the loop: confirm before the run ends (resume with any value)."""
-    interrupt({"kind": "approve_stop", "iterations": state.get("iteration", 0)})
+    interrupt({"kind": "approve_stop", "iterations": state.get("iterations", 0)})
     return {}
 
 
@@ -328,11 +322,11 @@ def stop_run(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
         prompt=state.get("prompt", ""), seed=state.get("seed", ctx.seed),
         backend=_name(ctx.get_executor), controller=_name(ctx.get_controller),
         plan=state.get("plan"), steps=steps, status=status, stop_reason=reason,
-        final_image=final, iterations=state.get("iteration", 0), model_calls=state.get("model_calls", []),
+        final_image=final, iterations=state.get("iterations", 0), model_calls=state.get("model_calls", []),
     )
     runtime.stream_writer({"event": "stop", "status": status, "reason": reason})
     return {"status": status, "stop_reason": reason, "final_image": final.path if final else None,
-            "iterations": state.get("iteration", 0), "trajectory": trajectory.model_dump(mode="json")}
+            "iterations": state.get("iterations", 0), "trajectory": trajectory.model_dump(mode="json")}
 
 
 def _name(get: Callable) -> str:
@@ -371,15 +365,34 @@ def route_after_correct(state: ClvrState) -> Literal["generate", "stop"]:
 # ---------------------------------------------------------------- builder
 
 
-def build_graph(*, interactive: bool = False) -> StateGraph:
-    """The uncompiled loop; ``interactive`` adds approval pauses after plan and before stop."""
+def build_graph(*, interactive: bool = False, backends: Optional[Backends] = None) -> StateGraph:
+    """The uncompiled loop; ``interactive`` adds approval pauses after plan and before stop.
+
+    ``backends`` resolves the context's backend names (the app passes :mod:`clvr_agent.tools.registry`);
+    without it, every run must hand in its executor and controller objects."""
+
+    def bind(runtime: Runtime) -> Runtime:
+        """The node's runtime, its context (the schema's defaults if none came) resolving names via ``backends``."""
+        ctx = _ctx(runtime)
+        return runtime.override(context=ctx if backends is None else ctx.use_backends(backends))
+
+    def node(fn: Callable) -> Callable:
+        def run(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
+            return fn(state, bind(runtime))
+
+        run.__name__ = fn.__name__
+        return run
+
+    async def agenerate(state: ClvrState) -> dict:
+        return await agenerate_canvas(state, bind(get_runtime(ClvrContext)))
+
     g = StateGraph(ClvrState, context_schema=ClvrContext, input_schema=ClvrInput, output_schema=ClvrOutput)
-    g.add_node("plan", plan_prompt)
+    g.add_node("plan", node(plan_prompt))
     g.add_node("generate", RunnableLambda(
-        lambda state: generate_canvas(state, get_runtime(ClvrContext)), afunc=agenerate_canvas, name="generate"))
-    g.add_node("verify", verify_canvas)
-    g.add_node("correct", correct_canvas)
-    g.add_node("stop", stop_run)
+        lambda state: generate_canvas(state, bind(get_runtime(ClvrContext))), afunc=agenerate, name="generate"))
+    g.add_node("verify", node(verify_canvas))
+    g.add_node("correct", node(correct_canvas))
+    g.add_node("stop", node(stop_run))
     g.add_edge(START, "plan")
     if interactive:
         g.add_node("review_plan", review_plan)

@@ -17,7 +17,7 @@ from PIL import Image
 from pydantic import Field
 
 from clvr_agent import create_clvr
-from clvr_agent.agent_tool import TOOL_NAME, clvr_tool
+from clvr_agent.app.agent_tool import TOOL_NAME, clvr_tool
 
 PROMPT = "a photo of two red circles left of a blue square"
 

@@ -57,7 +57,7 @@ def test_import_loads_no_model():
 
 def test_trajectory_schema_is_versioned():
     schema = trajectory_json_schema()
-    assert schema["version"] == "1.1" and "steps" in schema["properties"] and "model_calls" in schema["properties"]
+    assert schema["version"] == "1.2" and "steps" in schema["properties"] and "model_calls" in schema["properties"]
     json.dumps(schema)
     from clvr_agent.types import Trajectory
 
@@ -66,13 +66,13 @@ def test_trajectory_schema_is_versioned():
 
 
 def test_studio_graph_runs_without_context():
-    """langgraph.json serves graphs/studio.py:graph; the server passes no context and no checkpointer."""
+    """langgraph.json serves clvr_agent/app/studio.py:graph; the server passes no context and no checkpointer."""
     import json as _json
     from pathlib import Path
 
     spec = _json.loads((Path(__file__).parent.parent / "langgraph.json").read_text())
-    assert spec["graphs"]["clvr"] == "./graphs/studio.py:graph"
-    from clvr_agent.graphs.studio import graph
+    assert spec["graphs"]["clvr"] == "./clvr_agent/app/studio.py:graph"
+    from clvr_agent.app.studio import graph
 
     assert graph.checkpointer is None
     out = graph.invoke({"prompt": "a photo of a green star"})
@@ -87,7 +87,7 @@ def test_trace_renders_in_headless_chromium(tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no chromium on this machine")
-    from clvr_agent.runs import write_outputs
+    from clvr_agent.app.runs import write_outputs
     from clvr_agent.types import Trajectory
 
     out = _runnable(tmp_path / "art").invoke({"prompt": "a red circle"})

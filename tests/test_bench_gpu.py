@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clvr_agent import bench_gpu
+from clvr_agent.eval import bench_gpu
 
 
 @pytest.mark.slow

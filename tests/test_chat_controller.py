@@ -16,7 +16,8 @@ from pydantic import Field
 
 from clvr_agent.store import ArtifactStore
 from clvr_agent.tools import prompts
-from clvr_agent.tools.base import Controller, ControllerOutputError
+from clvr_agent.protocols import Controller
+from clvr_agent.errors import ControllerOutputError
 from clvr_agent.tools.chat_controller import ChatModelController, extract_json
 from clvr_agent.types import Constraint, ExecutorRequest, Plan, Step, Verdict
 

@@ -73,7 +73,7 @@ def test_centre_single_puts_a_lone_object_in_the_middle(tmp_path):
 
 
 def test_slots_put_several_objects_on_a_fixed_grid_and_keep_the_prompt_true(tmp_path):
-    from clvr_agent.geneval import evaluate_image
+    from clvr_agent.eval.rules import evaluate_image
 
     path = write_dataset(tmp_path, DataConfig(pairs=16, size=256, tier_fraction=0.0, tags="position,counting,color_attr",
                                               slots=True, min_size=80, max_size=112, seed=5))

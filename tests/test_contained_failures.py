@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from clvr_agent import create_clvr
-from clvr_agent.tools.base import GenerationOutput
+from clvr_agent.protocols import GenerationOutput
 from clvr_agent.tools.scripted import ScriptedController
 from tests.test_graph import PixelExecutor
 

@@ -7,7 +7,7 @@ import json
 import typer
 from typer.testing import CliRunner
 
-from clvr_agent.controller_eval import eval_controller
+from clvr_agent.eval.controller import eval_controller
 from clvr_agent.tools.shapeworld.controller import ShapeWorldController
 from clvr_agent.types import ConstraintResult, Verdict
 
@@ -45,7 +45,7 @@ def test_a_controller_that_always_says_satisfied_is_caught(tmp_path):
 
 
 def test_cli_rejects_more_call_prompts_than_prompts(tmp_path):
-    from clvr_agent.cli_eval import eval_app
+    from clvr_agent.cli.eval import eval_app
 
     app = typer.Typer()
     app.add_typer(eval_app, name="eval")

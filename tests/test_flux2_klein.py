@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clvr_agent.tools.base import Cancelled, Executor
+from clvr_agent.protocols import Executor
+from clvr_agent.errors import Cancelled
 from clvr_agent.tools.flux2_klein import CheckpointError, Flux2KleinExecutor, clvr_mini_path, fit_reference
 from clvr_agent.types import ExecutorRequest, Region
 
@@ -282,7 +283,7 @@ def test_uncached_hub_id_offline_fails_clearly(monkeypatch, tmp_path):
 
 
 def test_bad_options_fail_clearly(tiny_klein_dir):
-    with pytest.raises(ValueError, match="unknown torch_dtype"):
+    with pytest.raises(ValueError, match="unknown torch dtype"):
         Flux2KleinExecutor.from_pretrained(str(tiny_klein_dir), torch_dtype="float33", device="cpu")
     with pytest.raises(ValueError, match="offload"):
         Flux2KleinExecutor.from_pretrained(str(tiny_klein_dir), device="cpu", offload=True)
@@ -299,15 +300,14 @@ def test_out_layer_mismatch_is_refused(tiny_klein):
         Flux2KleinExecutor.from_pipeline(pipe)
 
 
-def test_clvr_mini_path():
-    import clvr_agent
+def test_clvr_mini_path_is_the_shipped_folder_or_a_clear_error(monkeypatch, tmp_path):
+    import clvr_agent.tools.loading as loading
 
-    expected = Path(clvr_agent.__file__).parent / "models" / "clvr-mini"
-    if expected.is_dir():
-        assert clvr_mini_path() == expected
-    else:
-        with pytest.raises(CheckpointError, match="clvr-mini"):
-            clvr_mini_path()
+    folder = clvr_mini_path()  # shipped with the package: a complete diffusers folder
+    assert folder.name == "clvr-mini" and (folder / "model_index.json").is_file()
+    monkeypatch.setattr(loading, "SHIPPED_MODELS", tmp_path)  # an install without the weights
+    with pytest.raises(CheckpointError, match=r"clvr-mini is not installed at .*--model DIR"):
+        clvr_mini_path()
 
 
 @pytest.mark.gpu

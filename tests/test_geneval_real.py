@@ -1,7 +1,7 @@
 """GenEval on real images: tiny random Mask2Former and CLIP built from their configs (no download).
 
 Pins the plumbing, not the weights: masks → boxes; masks → crops on grey → CLIP colour; detections →
-the shared rules in ``clvr_agent.geneval``; the official folder layout, resume and sharding; and the
+the shared rules in ``clvr_agent.eval.rules``; the official folder layout, resume and sharding; and the
 whole ``clvr eval geneval`` command on a tiny FLUX.2 [klein].
 """
 
@@ -16,12 +16,13 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from clvr_agent.eval_geneval import (
-    generate_geneval, loop_sampler, parse_shard, sample_path, sample_seed, score_geneval, shard_indices,
-    single_step_sampler,
+from clvr_agent import create_clvr
+from clvr_agent.eval.sampling import Sample, loop, prompt_seed, single_step
+from clvr_agent.eval.geneval import (
+    generate_geneval, sample_path, score_folder, shard_indices,
 )
-from clvr_agent.geneval import COLORS, Detection, evaluate_image, load_object_names, load_official_metadata
-from clvr_agent.geneval import select_detections
+from clvr_agent.eval.rules import COLORS, Detection, evaluate_image, load_object_names, load_official_metadata
+from clvr_agent.eval.rules import select_detections
 from clvr_agent.tools.clip_color import TEMPLATES, ClipColorClassifier, crop_on_grey
 from clvr_agent.tools import mask2former_detector
 from clvr_agent.tools.mask2former_detector import Mask2FormerDetector, geneval_names, mask_to_box, rescaled_size
@@ -266,8 +267,8 @@ def _seed_sampler(calls):
     def make():
         calls.append("load")
 
-        def sample(prompt, seed, work_dir):
-            return Image.new("RGB", (16, 16), (seed % 256, seed // 256 % 256, 7))
+        def sample(prompt, seed):
+            return Sample(Image.new("RGB", (16, 16), (seed % 256, seed // 256 % 256, 7)), 1, "single")
 
         return sample
 
@@ -285,8 +286,8 @@ def test_layout_and_resume(tmp_path):
     assert _files(tmp_path) == [f"{i:05d}/{f}" for i in range(3)
                                 for f in ("metadata.jsonl", "samples/0000.png", "samples/0001.png")]
     assert json.loads((tmp_path / "00002/metadata.jsonl").read_text()) == load_official_metadata()[2]
-    seed = sample_seed(0, 2, 1)
-    assert seed == 2001 and Image.open(sample_path(tmp_path, 2, 1)).getpixel((0, 0)) == (seed % 256, seed // 256, 7)
+    seed = prompt_seed(0, 2, 1)
+    assert seed != prompt_seed(0, 1, 2) and Image.open(sample_path(tmp_path, 2, 1)).getpixel((0, 0)) == (seed % 256, seed // 256 % 256, 7)
     # Resume: nothing new, no generator loaded; a lost sample is redrawn with its own seed.
     assert generate_geneval(tmp_path, _seed_sampler(calls), samples=2, limit=3)["generated"] == 0
     assert calls == ["load"]
@@ -308,17 +309,16 @@ def test_shards_merge_into_the_full_set(tmp_path):
     assert [p["prompts"] for p in parts] == [3, 2, 2]
     assert _files(sharded) == _files(full)
     assert all((sharded / f).read_bytes() == (full / f).read_bytes() for f in _files(full))
-    assert parse_shard("2/3") == (2, 3)
-    for bad in ("3/3", "1", "-1/2"):
+    for bad in ((3, 3), (-1, 2)):
         with pytest.raises(ValueError):
-            parse_shard(bad)
+            shard_indices(553, 7, bad)
 
 
 @pytest.mark.usefixtures("small_test_scale")
 def test_score_writes_official_fields(tmp_path, model_dirs):
     generate_geneval(tmp_path, _seed_sampler([]), samples=2, limit=2)
     detector = Mask2FormerDetector.from_pretrained(str(model_dirs["m2f_bench"]), device="cpu")
-    summary = score_geneval(tmp_path, tmp_path, detector)
+    summary = score_folder(tmp_path, tmp_path, detector)
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["correct"] for r in rows] == [True, True, False, False]  # bench passes, cow fails
     assert {"filename", "tag", "prompt", "correct", "reason"} <= set(rows[0])
@@ -334,20 +334,20 @@ def test_loop_mode_writes_the_loop_final_image(tmp_path, model_dirs):
     from clvr_agent.tools.scripted import ScriptedController
 
     executor = Flux2KleinExecutor.from_pretrained(str(model_dirs["klein"]), torch_dtype="float32", device="cpu")
-    make = lambda: loop_sampler(executor, controller=ScriptedController(scores=(1.0,)), max_iterations=1,
-                                height=64, width=64)
+    make = lambda: loop(create_clvr(executor, controller=ScriptedController(scores=(1.0,)), max_iterations=1,
+                                    height=64, width=64, artifact_dir=str(tmp_path / "work")))
     assert generate_geneval(tmp_path, make, samples=1, limit=1)["generated"] == 1
     assert Image.open(sample_path(tmp_path, 0, 0)).size == (64, 64)
-    assert any((tmp_path / "00000" / "work" / "0000").rglob("*.png"))  # the loop's canvases
-    single = single_step_sampler(executor, height=64, width=64)("a photo of a bench", 0, tmp_path)
-    assert single.size == (64, 64)
+    assert any((tmp_path / "work").rglob("*.png"))  # the loop's canvases
+    single = single_step(executor, height=64, width=64)("a photo of a bench", 0)
+    assert single.image.size == (64, 64) and single.status == "single"
 
 
 # --- the command ------------------------------------------------------------------------------------
 
 
 def _app():
-    from clvr_agent.cli_geneval import register
+    from clvr_agent.cli.geneval import register
 
     app = typer.Typer()
     register(app)
@@ -369,7 +369,7 @@ def test_cli_geneval_end_to_end(tmp_path, model_dirs):
     rows = (out / "results.jsonl").read_text().splitlines()
     assert len(rows) == 48
     # The detector sees a bench everywhere: prompt 0 ("a bench") passes its 4 samples, the other 11 fail.
-    assert report["summary"] == {"overall": 4 / 48, "per_tag": {"single_object": 4 / 48}, "images": 48, "prompts": 12}
+    assert report["summary"] == {"overall": round(4 / 48, 6), "per_tag": {"single_object": round(4 / 48, 6)}, "images": 48, "prompts": 12}
     assert json.loads((out / "summary.json").read_text()) == report["summary"]
     again = CliRunner().invoke(_app(), args)
     assert again.exit_code == 0 and json.loads(again.stdout)["generated"] == 0
@@ -389,7 +389,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, model_dirs):
         (base + ["--detector-model", str(model_dirs["m2f"])], "needs --detector-model and --clip-model"),
         (base + ["--detector", "none", "--shard", "2/2"], "need 0 <= K < N"),
         (base + ["--detector", "none", "--mode", "twice"], "choose single or loop"),
-        (base + ["--detector-model", str(tmp_path / "nope"), "--clip-model", str(model_dirs["clip"])], "is not a folder"),
+        (base + ["--detector-model", str(tmp_path / "nope"), "--clip-model", str(model_dirs["clip"])], "does not exist"),
         (["geneval", "--backend", "flux2-klein", "--detector", "none"], "needs --model"),
     ]
     for args, message in cases:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clvr_agent.geneval import (
+from clvr_agent.eval.rules import (
     Detection,
     clause_scores,
     evaluate_image,

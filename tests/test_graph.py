@@ -12,10 +12,11 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.types import Command
 from PIL import Image
 
-from clvr_agent.api import build_context, create_clvr
+from clvr_agent.app.api import build_context, create_clvr
 from clvr_agent.graphs.graph import build_request, route_after_verify, stop_decision
 from clvr_agent.state import ClvrContext, Settings
-from clvr_agent.tools.base import ControllerOutputError, GenerationOutput
+from clvr_agent.protocols import GenerationOutput
+from clvr_agent.errors import ControllerOutputError
 from clvr_agent.tools.scripted import ScriptedController
 from clvr_agent.types import Correction, ExecutorRequest, Plan, Constraint
 
@@ -38,7 +39,7 @@ class PixelExecutor:
             raise RuntimeError("device lost")
         for i in range(2):
             if progress and progress(i, 2):
-                from clvr_agent.tools.base import Cancelled
+                from clvr_agent.errors import Cancelled
 
                 raise Cancelled()
         rng = np.random.default_rng(request.seed)
@@ -246,12 +247,12 @@ def test_build_request_accumulates_instructions(tmp_path):
     assert req.accumulated_prompt == "p\nadd a blue square\nmove the circle left\nremove the cross"
     assert req.mode == "edit" and [r.path for r in req.references] == ["/c1.png", "/c3.png"]
     assert req.seed != build_request({**state, "steps": steps[:3]}, ctx).seed  # the step index moves the seed
-    fresh = build_request({**state, "pending": Correction(instruction="redraw", mode="regenerate")}, ctx)
+    fresh = build_request({**state, "pending": Correction(instruction="redraw", mode="generate")}, ctx)
     assert fresh.mode == "generate" and fresh.references == []
 
 
 def test_unknown_backend_lists_known():
-    from clvr_agent.tools.registry import UnknownBackendError
+    from clvr_agent.errors import UnknownBackendError
 
     with pytest.raises(UnknownBackendError, match="known: .*shapeworld"):
         build_context("nope")
@@ -317,7 +318,7 @@ def test_nodes_on_their_own(tmp_path):
     rt = _runtime(ctx)
     state = {"prompt": "  a red circle ", "seed": 2}
     state.update(plan_prompt(state, rt))
-    assert state["prompt"] == "a red circle" and state["iteration"] == 1 and state["pending"].mode == "regenerate"
+    assert state["prompt"] == "a red circle" and state["iterations"] == 1 and state["pending"].mode == "generate"
     update = generate_canvas(state, rt)
     assert sorted(update) == ["model_calls", "steps"] and update["steps"][0].canvas.width == 64
     assert [(c.model, c.method) for c in update["model_calls"]] == [("executor", "generate")]
@@ -327,7 +328,7 @@ def test_nodes_on_their_own(tmp_path):
     state["steps"] = update["steps"]
     assert route_after_verify(state, rt) == "correct"
     update = correct_canvas(state, rt)
-    assert update["iteration"] == 2 and update["pending"].instruction.startswith("add")
+    assert update["iterations"] == 2 and update["pending"].instruction.startswith("add")
     state["max_iterations"] = 1
     final = stop_run(state, rt)
     assert final["status"] == "budget_exhausted" and final["final_image"] == state["steps"][0].canvas.path

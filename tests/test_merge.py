@@ -248,7 +248,7 @@ def test_report_diagnostics(tmp_path):
 
 @pytest.fixture(scope="module")
 def idle_rss_mib():
-    from clvr_agent.bench_merge import run_child
+    from clvr_agent.eval.bench_merge import run_child
 
     return run_child(["idle"])[0]
 
@@ -259,7 +259,7 @@ def test_merge_child_keeps_inputs_out_of_anonymous_memory(tmp_path, idle_rss_mib
     """A merge child's peak RssAnon stays a few chunks above an idle child's, whatever the dtype: the
     inputs (3 × 8 × 1024² here, 96 MiB in fp32) stay page cache. An fp32 merge that wrote into the
     memory-mapped slices (``.float()`` is a no-op view for fp32) held every touched input page."""
-    from clvr_agent.bench_merge import MIB, run_child, write_checkpoints
+    from clvr_agent.eval.bench_merge import MIB, run_child, write_checkpoints
 
     largest = write_checkpoints(tmp_path, dtype, n_tensors=8, shape=(1024, 1024)) / MIB
     inputs = [tmp_path / "base", tmp_path / "aligned.safetensors", tmp_path / "distilled.safetensors"]

@@ -8,7 +8,7 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 from typer.testing import CliRunner
 
-from clvr_agent.api import create_clvr
+from clvr_agent.app.api import create_clvr
 from clvr_agent.cli import app
 from clvr_agent.tools.flux2_klein import Flux2KleinExecutor
 

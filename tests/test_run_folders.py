@@ -80,7 +80,7 @@ def test_sigkill_at_random_instants_then_rerun_gives_the_same_image(tmp_path, re
 
 
 def test_crash_before_the_first_checkpoint_leaves_a_usable_folder(tmp_path, reference):
-    from clvr_agent.runs import open_checkpointer, prepare_out_dir
+    from clvr_agent.app.runs import open_checkpointer, prepare_out_dir
     from clvr_agent.state import ClvrInput
 
     for how in (["--resume"], []):
@@ -216,7 +216,7 @@ def test_an_injected_enospc_while_writing_outputs_leaves_no_temp_file(tmp_path, 
     """Where tmpfs cannot be mounted: the same failure, injected into the atomic writer."""
     import errno
 
-    from clvr_agent import runs
+    from clvr_agent.app import runs
     from clvr_agent.types import Trajectory
 
     out = tmp_path / "run"

@@ -14,7 +14,8 @@ from PIL import Image
 from clvr_agent import create_clvr
 from clvr_agent.graphs.graph import build_graph
 from clvr_agent.state import ClvrContext, Settings
-from clvr_agent.tools.base import Cancelled, GenerationOutput
+from clvr_agent.protocols import GenerationOutput
+from clvr_agent.errors import Cancelled
 from clvr_agent.tools.scripted import ScriptedController
 from tests.test_graph import PixelExecutor
 
@@ -22,14 +23,30 @@ PROMPT = "a photo of two red circles left of a blue square"
 
 
 def test_graph_invoke_with_empty_context_runs_the_embedded_defaults():
-    """What a LangGraph server does: build the context schema from the run's (empty) dict."""
-    out = build_graph().compile().invoke({"prompt": PROMPT, "seed": 1}, context={})
+    """What a LangGraph server does: build the context schema from the run's (empty) dict, on the
+    graph the server serves (the shipped backends wired in)."""
+    from clvr_agent.app.studio import graph
+
+    out = graph.invoke({"prompt": PROMPT, "seed": 1}, context={})
     assert out["status"] == "satisfied"
     assert out["trajectory"]["backend"] == "shapeworld" and out["trajectory"]["controller"] == "shapeworld"
 
 
+def test_a_graph_without_backends_names_what_is_missing_instead_of_picking_one():
+    """The graph room knows no backend: a context that only names one fails the run, saying how to fix it."""
+    from clvr_agent.errors import NoBackendsError
+
+    with pytest.raises(NoBackendsError, match=r"no controller: .*build_graph\(backends=clvr_agent.tools.registry\)"):
+        build_graph().compile().invoke({"prompt": PROMPT, "seed": 1}, context={})
+    ex, ctl = PixelExecutor(), ScriptedController(scores=(1.0,))
+    ctx = ClvrContext(executor=ex, controller=ctl)
+    assert build_graph().compile().invoke({"prompt": "p"}, context=ctx)["status"] == "satisfied"
+
+
 def test_context_dict_is_obeyed_and_schema_is_plain_data():
-    graph = build_graph().compile()
+    from clvr_agent.tools import registry
+
+    graph = build_graph(backends=registry).compile()
     out = graph.invoke({"prompt": PROMPT, "seed": 3}, context={"max_iterations": 1, "patience": 1})
     assert out["iterations"] == 1
     schema = graph.get_context_jsonschema()

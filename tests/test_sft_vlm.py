@@ -235,7 +235,7 @@ def test_cli_sft_vlm_on_synth_output(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from clvr_agent.cli_data import register_train
+    from clvr_agent.cli.data import register_train
     from clvr_agent.tools.qwen3_vl import load_qwen3_vl
     from clvr_agent.tools.registry import get_controller, get_executor
     from clvr_agent.training.synth import SynthConfig, synthesize

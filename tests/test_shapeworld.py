@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clvr_agent.geneval import TAGS, evaluate_image
-from clvr_agent.tools.base import Controller, Executor
+from clvr_agent.eval.rules import TAGS, evaluate_image
+from clvr_agent.protocols import Controller, Executor
 from clvr_agent.tools.shapeworld import controller as controller_module
 from clvr_agent.tools.shapeworld.controller import ShapeWorldController, repair_ops
 from clvr_agent.tools.shapeworld.detect import detect
@@ -218,7 +218,7 @@ def test_edit_ops_apply_to_the_pixels():
     assert sorted(found) == [("circle", "yellow"), ("square", "blue")]
     _, out = edit("move the circle right of the square")
     boxes = {d.cls: d.box for d in detect(out.image)}
-    from clvr_agent.geneval import relative_position
+    from clvr_agent.eval.rules import relative_position
 
     assert "right of" in relative_position(boxes["circle"], boxes["square"])
     _, out = edit("add a purple cross below the square")
@@ -300,7 +300,7 @@ def test_correct_redraws_when_most_clauses_fail():
     plan = ctl.plan(prompt)
     canvas = _scene_image(Obj("star", "green", 10, 10, 30))
     fix = ctl.correct(prompt, plan, ctl.verify(prompt, plan, canvas, []), canvas, [])
-    assert fix.mode == "regenerate" and fix.instruction == f"redraw: {prompt}"
+    assert fix.mode == "generate" and fix.instruction == f"redraw: {prompt}"
 
 
 def test_check_step_sees_an_edit_that_did_not_happen():
@@ -314,7 +314,7 @@ def test_check_step_sees_an_edit_that_did_not_happen():
 
 
 def test_repair_ops_need_only_detections():
-    from clvr_agent.geneval import Detection
+    from clvr_agent.eval.rules import Detection
 
     line = parse_prompt("a photo of a cross right of a circle")
     dets = [Detection("circle", (100, 100, 140, 140), 0.99, "red"), Detection("cross", (10, 100, 50, 140), 0.99, "red")]
@@ -322,7 +322,7 @@ def test_repair_ops_need_only_detections():
 
 
 def test_plan_rejects_prompts_outside_the_world():
-    from clvr_agent.tools.base import ControllerOutputError
+    from clvr_agent.errors import ControllerOutputError
 
     with pytest.raises(ControllerOutputError):
         ShapeWorldController().plan("a watercolour of a lighthouse")
@@ -334,7 +334,7 @@ def test_plan_rejects_prompts_outside_the_world():
 def test_eval_writes_geneval_layout_and_score_folder_agrees(tmp_path):
     import json
 
-    from clvr_agent.evaluation import eval_shapeworld, score_folder
+    from clvr_agent.eval.shapeworld import eval_shapeworld, score_folder
 
     summary = eval_shapeworld("single", n=12, seed=3, out_dir=str(tmp_path / "ev"), progress=False)
     assert set(summary["per_tag"]) == set(TAGS) and summary["mean_iterations"] == 1.0
@@ -342,7 +342,7 @@ def test_eval_writes_geneval_layout_and_score_folder_agrees(tmp_path):
     assert (tmp_path / "ev" / "summary.png").is_file()
     rows = [json.loads(x) for x in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
     assert {"tag", "tier", "prompt", "passed", "iterations"} <= set(rows[0])
-    scored = score_folder(str(tmp_path / "ev"), str(tmp_path / "sc"), progress=False)
+    scored = score_folder(str(tmp_path / "ev"), str(tmp_path / "sc"))
     assert scored["overall"] == pytest.approx(summary["overall"])
     official = [json.loads(x) for x in (tmp_path / "sc" / "results.jsonl").read_text().splitlines()]
     assert {"filename", "tag", "prompt", "correct", "reason"} <= set(official[0])
@@ -360,7 +360,7 @@ def test_counts_past_ten_round_trip_as_digits():
 def test_loop_stops_asking_for_edits_the_executor_cannot_carry_out():
     # An executor whose edits never take (a base model never trained to edit): once the passive
     # check has failed an edit through all its retries, every further correction is a fresh draw.
-    from clvr_agent.api import create_clvr
+    from clvr_agent.app.api import create_clvr
 
     broken = ShapeWorldExecutor(WorldConfig(eps_per_constraint=0.6, eps_max=0.9, edit_success=0.0, edit_disturb=0.0))
     out = create_clvr(broken, max_iterations=6, patience=6).invoke({"prompt": "a photo of a red circle left of a blue square", "seed": 3})
@@ -378,7 +378,7 @@ def test_loop_stops_asking_for_edits_the_executor_cannot_carry_out():
 
 
 def test_clear_tile_leaves_every_object_alone_and_keeps_the_relation():
-    from clvr_agent.geneval import relative_position
+    from clvr_agent.eval.rules import relative_position
     from clvr_agent.tools.shapeworld.controller import TILE_FILL, clear_tile
     from clvr_agent.tools.shapeworld.language import NP, Op
 

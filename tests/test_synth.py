@@ -170,7 +170,7 @@ def test_config_errors_say_how_to_fix(tmp_path):
 
 
 def test_cli_synth(tmp_path):
-    from clvr_agent.cli_data import register
+    from clvr_agent.cli.data import register
 
     app = typer.Typer()
     register(app)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clvr_agent.trace import trace_html, write_trace
+from clvr_agent.app.trace import trace_html, write_trace
 from clvr_agent.types import Trajectory
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),

@@ -417,7 +417,7 @@ def test_configs_reject_bad_input_with_a_fix(cls, kw, match):
 def test_sizes_default_to_the_models_native_size(tmp_path, sft_data):
     from typer.testing import CliRunner
 
-    from clvr_agent.cli_train import train_app
+    from clvr_agent.cli.train import train_app
     from clvr_agent.training import diffusion_loop as dl
     from clvr_agent.training.distill import DistillConfig, DistillTrainer
 
@@ -466,7 +466,7 @@ def test_text_encoder_out_layers_come_from_the_folder(tmp_path):
 def test_cli_sft_diffusion_runs_and_rejects_bad_flags(tmp_path, sft_data):
     from typer.testing import CliRunner
 
-    from clvr_agent.cli_train import train_app
+    from clvr_agent.cli.train import train_app
 
     model = tmp_path / "model"
     _pipe().save_pretrained(model)

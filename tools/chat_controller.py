@@ -20,7 +20,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from clvr_agent.tools import conversation, prompts
-from clvr_agent.tools.base import ControllerOutputError
+from clvr_agent.errors import ControllerOutputError
 
 # Re-exported: the renderer owns them, callers of this module keep their imports.
 from clvr_agent.tools.conversation import (  # noqa: F401
@@ -37,7 +37,7 @@ R = TypeVar("R", bound=BaseModel)
 
 
 class ChatModelController:
-    """The :class:`~clvr_agent.tools.base.Controller` protocol on top of a LangChain chat model."""
+    """The :class:`~clvr_agent.protocols.Controller` protocol on top of a LangChain chat model."""
 
     def __init__(
         self,

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clvr_agent.geneval import COLORS, Detection
+from clvr_agent.eval.rules import COLORS, Detection
+from clvr_agent.tools.loading import default_device, parse_dtype
 
 BACKGROUND = "#999"
 TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
@@ -49,10 +50,7 @@ class ClipColorClassifier:
         """Load ``CLIPModel`` and its processor (tokenizer + image processor) from a hub id or folder."""
         from transformers import CLIPModel, CLIPProcessor
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-        if not isinstance(torch_dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        device, torch_dtype = default_device(device), parse_dtype(dtype)
         model = CLIPModel.from_pretrained(model_id_or_dir, dtype=torch_dtype)
         return cls(model.to(device), CLIPProcessor.from_pretrained(model_id_or_dir))
 

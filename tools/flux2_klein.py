@@ -26,7 +26,9 @@ from typing import Optional
 import torch
 from PIL import Image
 
-from clvr_agent.tools.base import Cancelled, GenerationOutput, ProgressFn
+from clvr_agent.protocols import GenerationOutput, ProgressFn
+from clvr_agent.errors import Cancelled
+from clvr_agent.tools.loading import model_source, parse_dtype, shipped_model
 from clvr_agent.types import ExecutorRequest, Region
 
 logger = logging.getLogger(__name__)
@@ -59,15 +61,10 @@ class CheckpointError(ValueError):
 
 def clvr_mini_path() -> Path:
     """Where the trained ``clvr-mini`` klein checkpoint lives inside the package."""
-    import clvr_agent
-
-    path = Path(clvr_agent.__file__).parent / "models" / "clvr-mini"
-    if not path.is_dir():
-        raise CheckpointError(
-            f"clvr-mini weights not found at {path}; train them first (the clvr-mini training stage "
-            "saves a diffusers folder there), or pass --model DIR with a FLUX.2 [klein] folder"
-        )
-    return path
+    try:
+        return shipped_model("clvr-mini")
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{exc} (or pass --model DIR with a FLUX.2 [klein] folder)") from None
 
 
 class Flux2KleinExecutor:
@@ -140,7 +137,7 @@ class Flux2KleinExecutor:
         ``device`` defaults to ``cuda`` when available. ``offload`` keeps each component on the CPU
         until it runs (``enable_model_cpu_offload``). A local folder never triggers a download.
         """
-        dtype = _torch_dtype(torch_dtype)
+        dtype = parse_dtype(torch_dtype)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if offload and torch.device(device).type == "cpu":
             raise ValueError("offload=True moves components to an accelerator on demand; pass device='cuda'")
@@ -465,27 +462,12 @@ def _check_out_layers(pipe, source: str) -> None:
         )
 
 
-def _torch_dtype(value: str | torch.dtype) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    dtype = getattr(torch, str(value), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown torch_dtype {value!r}; use bfloat16, float16 or float32")
-    return dtype
-
-
 def _local_folder(model: str) -> Optional[Path]:
-    """The folder ``model`` names, or None for a hub id (``owner/name``); a path-like name that does
-    not exist is an error, never a download."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{model} is a file; expected a diffusers folder with model_index.json")
-        return path
-    looks_like_path = model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") != 1
-    if looks_like_path:
-        raise CheckpointError(f"model folder {model} does not exist (expected a diffusers FLUX.2 [klein] folder)")
-    return None
+    """The folder ``model`` names, or None for a hub id (``owner/name``); never a download."""
+    try:
+        return model_source(model, "FLUX.2 [klein] model")
+    except FileNotFoundError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _check_folder(folder: Path) -> dict:

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clvr_agent.geneval import MAX_OBJECTS, THRESHOLD, Detection, load_object_names
+from clvr_agent.eval.rules import MAX_OBJECTS, THRESHOLD, Detection, load_object_names
+from clvr_agent.tools.loading import default_device, parse_dtype
 
 # mmdet's test_cfg.max_per_image for this config (and the number of queries).
 MAX_PER_IMAGE = 100
@@ -119,10 +120,7 @@ class Mask2FormerDetector:
         """Load the model and its image processor from a hub id or a ``save_pretrained`` folder."""
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-        if not isinstance(torch_dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        device, torch_dtype = default_device(device), parse_dtype(dtype)
         model = Mask2FormerForUniversalSegmentation.from_pretrained(model_id_or_dir, dtype=torch_dtype)
         processor = AutoImageProcessor.from_pretrained(model_id_or_dir)
         return cls(model.to(device), processor)

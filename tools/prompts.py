@@ -50,7 +50,7 @@ CORRECT_SYSTEM = (
     CONTROLLER_ROLE
     + "\n\nTask: correct. Write the next instruction for the executor that fixes the unmet "
     "constraints without breaking the met ones. mode is 'edit' to change the current canvas, "
-    "'regenerate' to draw afresh when the canvas is too far off, or 'inpaint' to redraw only a "
+    "'generate' to draw afresh when the canvas is too far off, or 'inpaint' to redraw only a "
     "region (then give region as pixel coordinates x0, y0, x1, y1 of the canvas, with x0 < x1 "
     "and y0 < y1; add region_prompt, e.g. 'a photo of a blue square', to have that region drawn "
     "afresh from it alone). Do not repeat an instruction that already failed; try a different wording."

@@ -29,6 +29,7 @@ from PIL import Image
 
 from clvr_agent.tools.chat_controller import ChatModelController
 from clvr_agent.tools.conversation import to_processor_conversation
+from clvr_agent.tools.loading import default_device, model_source, parse_dtype, shipped_model
 
 # Checkpoints shipped inside the package, by name (``--vlm clvr-mini-vlm``).
 SHIPPED = ("clvr-mini-vlm",)
@@ -125,11 +126,7 @@ def load_qwen3_vl(
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
     source, local = _resolve_source(vlm)
-    if isinstance(torch_dtype, str) and torch_dtype != "auto":
-        if not isinstance(getattr(torch, torch_dtype, None), torch.dtype):
-            raise ValueError(f"unknown torch dtype {torch_dtype!r}; use e.g. 'bfloat16', 'float16', 'float32' or 'auto'")
-        torch_dtype = getattr(torch, torch_dtype)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype, device = parse_dtype(torch_dtype, allow_auto=True), default_device(device)
     where = f"local folder {source}" if local else f"hub id {source!r}"
     try:
         model = Qwen3VLForConditionalGeneration.from_pretrained(
@@ -164,9 +161,6 @@ def load_qwen3_vl_controller(
     Settings the caller leaves out come from the folder's ``clvr_controller.json``; ``max_new_tokens``
     then defaults to 512, or 4096 for a Thinking checkpoint.
     """
-    if vlm in SHIPPED and device == "cuda" and not torch.cuda.is_available():
-        # A shipped toy checkpoint's documented default is the CPU in float32 (as for clvr-mini).
-        device, torch_dtype = "cpu", "float32" if torch_dtype in ("bfloat16", torch.bfloat16) else torch_dtype
     model, processor = load_qwen3_vl(vlm, torch_dtype=torch_dtype, device=device)
     saved = controller_settings(vlm)
     for key in ("image_size", "history_token_budget", "history_images"):
@@ -185,13 +179,6 @@ def is_thinking(processor) -> bool:
     text = processor.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
                                          tokenize=False)
     return text.rstrip().endswith("<think>")
-
-
-def shipped_path(name: str) -> Path:
-    """The folder of a checkpoint shipped in the package (``clvr_agent/models/<name>``)."""
-    import clvr_agent
-
-    return Path(clvr_agent.__file__).parent / "models" / name
 
 
 def controller_settings(vlm: str) -> dict:
@@ -213,14 +200,9 @@ def controller_settings(vlm: str) -> dict:
 def _resolve_source(vlm: str) -> tuple[str, bool]:
     """(source, is_local). A shipped name or an existing path must be a complete folder; else a hub id."""
     if vlm in SHIPPED:
-        path = shipped_path(vlm)
-        if not path.is_dir():
-            raise FileNotFoundError(f"{vlm} is not installed at {path}; reinstall clvr-agent or pass a folder")
-        vlm = str(path)
-    path = Path(vlm).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise FileNotFoundError(f"Qwen3-VL path {path} is a file; expected a checkpoint folder")
+        vlm = str(shipped_model(vlm))
+    path = model_source(vlm, "Qwen3-VL folder")
+    if path is not None:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"Qwen3-VL folder {path} has no config.json")
         if not any(path.glob("*.safetensors")):
@@ -228,7 +210,4 @@ def _resolve_source(vlm: str) -> tuple[str, bool]:
                 f"Qwen3-VL folder {path} has no *.safetensors weights (only safetensors are loaded)"
             )
         return str(path), True
-    # A hub id is "owner/name"; anything else that does not exist was meant as a folder.
-    if vlm.startswith((".", "/", "~")) or vlm.count("/") != 1 or "\\" in vlm:
-        raise FileNotFoundError(f"no Qwen3-VL folder at {path} (and {vlm!r} is not a hub id 'owner/name')")
     return vlm, False

@@ -2,6 +2,8 @@
 
 ``get_executor("shapeworld")`` returns the same object on every call with the same options, so a
 second run in the same process loads nothing. Factories import their heavy dependencies lazily.
+This module is a :class:`~clvr_agent.protocols.Backends`: the app hands it to ``build_graph``.
+A new backend is one factory here (or ``register_executor`` from your own package).
 """
 
 from __future__ import annotations
@@ -10,15 +12,8 @@ import json
 import threading
 from typing import Any, Callable
 
-from clvr_agent.tools.base import Controller, Executor
-
-
-class UnknownBackendError(ValueError):
-    """The name is not a registered backend; the message lists the known ones."""
-
-
-class MissingDependencyError(ImportError):
-    """A backend's packages are not installed; the message names the pip extra that brings them."""
+from clvr_agent.errors import MissingDependencyError, UnknownBackendError
+from clvr_agent.protocols import Controller, Executor
 
 
 # The pip extra each shipped backend's imports come from (shapeworld needs none).
@@ -46,10 +41,6 @@ def register_executor(name: str, factory: Callable[..., Executor]) -> None:
     _EXECUTORS[name] = factory
 
 
-def register_controller(name: str, factory: Callable[..., Controller]) -> None:
-    _CONTROLLERS[name] = factory
-
-
 def executor_names() -> list[str]:
     _register_builtins()
     return sorted(_EXECUTORS)
@@ -64,11 +55,16 @@ def _key(kind: str, name: str, options: dict) -> tuple:
     return (kind, name, json.dumps(options, sort_keys=True, default=repr))
 
 
-def _get(kind: str, table: dict, name: str, options: dict):
+def check_name(kind: str, name: str) -> None:
+    """UnknownBackendError listing the known names unless ``name`` is a registered ``kind`` backend."""
     _register_builtins()
+    table = _EXECUTORS if kind == "executor" else _CONTROLLERS
     if name not in table:
-        known = ", ".join(sorted(table))
-        raise UnknownBackendError(f"unknown {kind} backend {name!r}; known: {known}")
+        raise UnknownBackendError(f"unknown {kind} backend {name!r}; known: {', '.join(sorted(table))}")
+
+
+def _get(kind: str, table: dict, name: str, options: dict):
+    check_name(kind, name)
     key = _key(kind, name, options)
     with _LOCK:
         if key not in _CACHE:

@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from clvr_agent.geneval import COLORS, TAGS, evaluate_image
+from clvr_agent.eval.rules import COLORS, TAGS, evaluate_image
 from clvr_agent.tools.shapeworld.controller import repair_ops
 from clvr_agent.tools.shapeworld.detect import detect
 from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor, apply_op

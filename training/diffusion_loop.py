@@ -14,6 +14,7 @@ import torch
 
 from clvr_agent.training import checkpointing as ck
 from clvr_agent.training.diffusion_configs import LORA_TARGET_MODULES
+from clvr_agent.seeds import derive_seed
 
 
 def add_lora(transformer, rank: int, alpha: float, target_modules: str = LORA_TARGET_MODULES) -> None:
@@ -103,8 +104,8 @@ def setup(trainer, pipeline, cfg, *, transformer: bool = True, text_encoder: boo
     # After prepare: under FSDP the prepared modules hold the parameters that are clipped and stepped.
     trainer.params = [p for m in trainer.run.values() for p in m.parameters() if p.requires_grad]
     rank = acc.process_index
-    trainer.rng = random.Random(cfg.seed + 7919 * rank)
-    trainer.generator = torch.Generator().manual_seed(cfg.seed + 7919 * rank)
+    trainer.rng = random.Random(derive_seed(cfg.seed, rank))
+    trainer.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, rank))
     bn = pipeline.vae.bn
     trainer.checkpointer = ck.Checkpointer(
         acc, cfg.output_dir, modules=trainer.run, schedule=trainer.lr_scheduler,

@@ -131,10 +131,6 @@ class Condition:
         r = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
         return Condition(r(self.prompt_embeds), r(self.text_ids), r(self.ref_tokens), r(self.ref_ids))
 
-    def select(self, idx) -> "Condition":
-        s = lambda t: None if t is None else t[idx]  # noqa: E731
-        return Condition(s(self.prompt_embeds), s(self.text_ids), s(self.ref_tokens), s(self.ref_ids))
-
 
 def pack_target(pipe, lat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, 4C, h, w) -> tokens (B, h·w, 4C)`` and their position ids ``(B, h·w, 4)`` (time coordinate 0)."""

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .merge_io import Checkpoint, LoraDelta, ShardedWriter, TensorInfo, open_input, row_chunks
+from clvr_agent.seeds import derive_seed
 
 Method = Literal["sum", "ties", "dare"]
 REPORT_NAME = "merge_report.json"
@@ -135,7 +136,7 @@ def _merge_tensor(name, info: TensorInfo, base, deltas, lambdas, cfg: MergeConfi
             _kth_largest_abs(lambda d=d: (_delta_chunk(d, name, r, base.chunk(name, r)) for r in chunks), k)
             for d in deltas
         ]
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + zlib.crc32(name.encode()))
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, zlib.crc32(name.encode())))
     s = dict.fromkeys(("bb", "aa", "dd", "ad", "both", "conflict", "mm", "cast"), 0.0)
     writer.begin(name)
     for rows in chunks:

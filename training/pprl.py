@@ -221,7 +221,7 @@ class PPRLTrainer:
 
 def shapeworld_reward(images: list[Image.Image], prompts: list[str], refs: list[list[Image.Image]]) -> list[float]:
     """R_text for ShapeWorld prompts: GenEval's partial-credit clause score from the pixel detector."""
-    from clvr_agent.geneval import partial_score
+    from clvr_agent.eval.rules import partial_score
     from clvr_agent.tools.shapeworld.detect import detect
     from clvr_agent.tools.shapeworld.language import parse_prompt
     from clvr_agent.tools.shapeworld.world import CANVAS

@@ -24,6 +24,7 @@ from clvr_agent.training import diffusion_loop as dl
 from clvr_agent.training.diffusion_configs import SFTDiffusionConfig
 from clvr_agent.training import flow_matching as fm
 from clvr_agent.tools.flux2_klein import prompt_max_length
+from clvr_agent.seeds import derive_seed
 
 
 @dataclass
@@ -117,12 +118,12 @@ class SFTDiffusionTrainer:
         epoch, pos = divmod(key, len(self.dataset))
         if epoch not in self._perms:
             perm = list(range(len(self.dataset)))
-            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(perm)
+            random.Random(derive_seed(self.cfg.seed, epoch)).shuffle(perm)
             self._perms = {epoch: perm}
         return self._perms[epoch][pos]
 
     def _draw_generator(self, key: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + 7919 * key + 1)
+        return torch.Generator().manual_seed(derive_seed(self.cfg.seed, key, 1))
 
     @torch.no_grad()
     def set_bn_stats_from_data(self) -> None:

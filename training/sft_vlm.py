@@ -46,6 +46,7 @@ from clvr_agent.types import Correction, ImageRef, PassiveCheck, Step, Trajector
 from clvr_agent.training import checkpointing as ck
 from clvr_agent.training.diffusion_loop import append_log
 from clvr_agent.training.vlm_config import LORA_TARGET_MODULES, SFTVLMConfig  # noqa: F401 (re-exported)
+from clvr_agent.seeds import derive_seed
 
 IGNORE_INDEX = -100
 TASKS = {  # task -> (system prompt at inference, reply schema)
@@ -54,7 +55,6 @@ TASKS = {  # task -> (system prompt at inference, reply schema)
     "verify": (prompts.VERIFY_SYSTEM, Verdict),
     "correct": (prompts.CORRECT_SYSTEM, Correction),
 }
-_TO_CORRECTION_MODE = {"generate": "regenerate", "edit": "edit", "inpaint": "inpaint"}
 
 
 # ---------------------------------------------------------------- trajectories -> controller calls
@@ -133,7 +133,7 @@ def trajectory_exchanges(traj: Trajectory, root: Path, *, history_token_budget: 
             history=_history_text(history, history_token_budget),
             width=step.canvas.width, height=step.canvas.height,
         )
-        correction = Correction(instruction=nxt.instruction, mode=_TO_CORRECTION_MODE[nxt.request.mode],
+        correction = Correction(instruction=nxt.instruction, mode=nxt.request.mode,
                                 reasoning=nxt.reasoning, region=nxt.request.region,
                                 region_prompt=nxt.request.region_prompt)
         call = ControllerCall(task="correct", prompt=traj.prompt, plan=plan, verdict=step.verdict, image=step.canvas,
@@ -417,7 +417,7 @@ class SFTVLMTrainer:
         for k in range(step * per_step, (step + 1) * per_step):
             epoch, pos = divmod(k, len(self.dataset))
             perm = list(range(len(self.dataset)))
-            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(perm)
+            random.Random(derive_seed(self.cfg.seed, epoch)).shuffle(perm)
             out.append(perm[pos])
         return out[rank::world]
 

@@ -36,6 +36,8 @@ from typing import Any, Callable, Optional
 from PIL import Image
 from tqdm.auto import tqdm
 
+from clvr_agent.graphs.graph import build_graph
+from clvr_agent.seeds import derive_seed, step_seed
 from clvr_agent.state import ClvrContext, Settings, validate_prompt
 from clvr_agent.store import ArtifactStore
 from clvr_agent.tools.conversation import ControllerCall, PlanReply
@@ -118,7 +120,7 @@ def load_prompts(config: SynthConfig) -> list[str]:
 
 def run_seed(seed: int, index: int) -> int:
     """The loop seed of prompt ``index`` (distinct across base seeds and prompts)."""
-    return (seed * 1_000_003 + index) % (2**31 - 1)
+    return derive_seed(seed, index)
 
 
 # ---------------------------------------------------------------- judge
@@ -139,8 +141,6 @@ class VerifierJudge:
 
 def single_step_image(executor, prompt: str, seed: int, settings: Settings) -> Image.Image:
     """The baseline: one ``generate`` call on the prompt with the loop's first-step seed."""
-    from clvr_agent.graphs.graph import step_seed
-
     request = ExecutorRequest(mode="generate", instruction=prompt, accumulated_prompt=prompt,
                               seed=step_seed(seed, 0), steps=settings.steps, guidance=settings.guidance,
                               height=settings.height, width=settings.width)
@@ -293,10 +293,18 @@ class RecordingController:
 # ---------------------------------------------------------------- synthesis
 
 
+class _Loop:
+    """The CLVR graph over live models: each ``invoke`` is one run with its own context copy."""
+
+    def __init__(self, context: ClvrContext) -> None:
+        self.context, self.graph = context, build_graph().compile()
+
+    def invoke(self, inputs: dict) -> dict:
+        return self.graph.invoke(inputs, context=self.context.for_run())
+
+
 def synthesize(config: SynthConfig, executor, controller, judge: Optional[Judge] = None) -> SynthReport:
     """Run this shard's prompts through the loop and append the verified winners to ``config.out``."""
-    from clvr_agent.api import create_clvr
-
     out = Path(config.out)
     identity = {k: v for k, v in asdict(config).items() if k in _IDENTITY}
     identity.update(backend=getattr(executor, "name", type(executor).__name__),
@@ -320,7 +328,7 @@ def synthesize(config: SynthConfig, executor, controller, judge: Optional[Judge]
     work = Path(tempfile.mkdtemp(dir=out, prefix=".work-"))
     try:
         settings = Settings(max_iterations=config.max_iterations, artifact_dir=str(work), **config.loop_settings)
-        loop = create_clvr(context=ClvrContext(executor=executor, controller=controller, settings=settings))
+        loop = _Loop(ClvrContext(executor=executor, controller=controller, settings=settings))
         data_path.touch()  # an empty shard is still a shard: merging and loading see it
         bar = tqdm(mine, desc=f"synth {k}/{n_shards}", disable=not config.progress)
         for index, prompt, seed in bar:

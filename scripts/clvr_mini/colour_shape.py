@@ -3,7 +3,7 @@
 Draws "a photo of a {colour} {shape}" for every ShapeWorld colour × shape (60 prompts × ``--seeds``) with
 the pipeline's own sampler (base: 28 steps, CFG 4; distilled folders: 4 steps, no CFG), upscales each
 64 px canvas to the 256 px ShapeWorld canvas as the executor does, reads it with the ShapeWorld detector
-and judges it with GenEval's ``colors`` rule (the shared ``clvr_agent.geneval``). Reports the pass rate
+and judges it with GenEval's ``colors`` rule (the shared ``clvr_agent.eval.rules``). Reports the pass rate
 ("single-object colour+shape", the issue's target), colour-only and shape-only hit rates (any detection
 of the named colour / class), the strict rate (exactly one object, right class and colour) and the
 fraction of seed-matched pairs whose canvases differ between two colour words (0 = text is ignored).
@@ -70,7 +70,7 @@ def measure(pipe, *, seeds: int = 1, size: int = 64, steps: int | None = None, g
     import torch
     from PIL import Image
 
-    from clvr_agent.geneval import COLORS, THRESHOLD, evaluate_image
+    from clvr_agent.eval.rules import COLORS, THRESHOLD, evaluate_image
     from clvr_agent.tools.flux2_klein import prompt_max_length
     from clvr_agent.tools.shapeworld.detect import detect
     from clvr_agent.tools.shapeworld.world import CANVAS, CLASSES

@@ -1,6 +1,6 @@
 """Measure one clvr-mini row: ShapeWorld GenEval-style pass rate, single step vs the CLVR loop.
 
-Runs ``clvr_agent.evaluation.eval_shapeworld`` (what ``clvr eval shapeworld --backend clvr-mini`` runs)
+Runs ``clvr_agent.eval.shapeworld.eval_shapeworld`` (what ``clvr eval shapeworld --backend clvr-mini`` runs)
 with the ``clvr-mini`` backend pointed at ``--model`` through ``mini_backend`` (native 64 px drawing,
 256 px canvases), and writes ``OUT/row.json``: NFE per executor call, single and loop summaries,
 mean loop iterations and wall time per loop, and ``colour_shape.py``'s single-object colour+shape rate.
@@ -43,7 +43,7 @@ def strict_pass(folder: Path) -> dict:
     import numpy as np
     from PIL import Image
 
-    from clvr_agent.geneval import THRESHOLD
+    from clvr_agent.eval.rules import THRESHOLD
     from clvr_agent.tools.shapeworld.detect import detect
 
     rows = [json.loads(ln) for ln in (folder / "results.jsonl").read_text().splitlines() if ln.strip()]
@@ -61,7 +61,7 @@ def strict_pass(folder: Path) -> dict:
 def main() -> None:
     import torch
 
-    from clvr_agent.evaluation import eval_shapeworld, probe
+    from clvr_agent.eval.shapeworld import eval_shapeworld, probe
     from mini_backend import register
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

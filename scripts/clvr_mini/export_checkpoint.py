@@ -5,7 +5,7 @@ A ``clvr train`` run writes its diffusers folder only at the end; this applies
 stage's starting folder and exports it with the trainers' own ``export_pipeline``.
 
   python scripts/clvr_mini/export_checkpoint.py --start clvr_mini_work/joint --run clvr_mini_work/base \
-      --out clvr_agent/models/clvr-mini
+      --out tools/models/clvr-mini
 """
 
 from __future__ import annotations

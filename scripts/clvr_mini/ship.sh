@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ship a clvr-mini stage into the package (clvr_agent/models/clvr-mini, what --backend clvr-mini loads).
+# Ship a clvr-mini stage into the package (tools/models/clvr-mini, what --backend clvr-mini loads).
 #   bash scripts/clvr_mini/ship.sh FOLDER                 # a finished stage's diffusers folder
 #   bash scripts/clvr_mini/ship.sh --run RUN --start START  # the newest checkpoint of a running stage
 set -euo pipefail

@@ -12,7 +12,7 @@ from typing import Optional
 
 from PIL import Image
 
-from clvr_agent.geneval import (
+from clvr_agent.eval.rules import (
     COUNTING_THRESHOLD,
     THRESHOLD,
     Detection,
@@ -21,10 +21,10 @@ from clvr_agent.geneval import (
     relative_position,
     select_detections,
 )
-from clvr_agent.tools.base import ControllerOutputError
+from clvr_agent.errors import ControllerOutputError
 from clvr_agent.tools.shapeworld.detect import detect
 from clvr_agent.tools.shapeworld.language import NP, Op, format_instruction, parse_instruction, parse_prompt
-from clvr_agent.tools.shapeworld.world import OPPOSITE, box_gap
+from clvr_agent.tools.shapeworld.world import OPPOSITE, PLURALS, box_gap
 from clvr_agent.types import (
     Constraint,
     ConstraintResult,
@@ -61,7 +61,9 @@ def clause_constraints(line: dict) -> list[Constraint]:
             kind = "relation"
         out.append(Constraint(id=f"c{i}", text=text, kind=kind))
     for j, c in enumerate(line.get("exclude", [])):
-        out.append(Constraint(id=f"x{j}", text=f"fewer than {c['count']} {c['class']}", kind="absence"))
+        many = PLURALS.get(c["class"], c["class"] + "s")
+        text = f"no {many}" if c["count"] == 1 else f"fewer than {c['count']} {many}"
+        out.append(Constraint(id=f"x{j}", text=text, kind="absence"))
     return out
 
 
@@ -176,7 +178,7 @@ class ShapeWorldController:
         if not ops or (mostly_wrong and not redrawn) or stuck:
             why = (f"an earlier edit was not carried out ({stuck}); only a fresh draw can still help" if stuck
                    else f"{failing} of {len(oks)} clauses fail; drawing afresh is the shorter fix")
-            return Correction(instruction=f"redraw: {line['prompt']}", mode="regenerate", reasoning=why)
+            return Correction(instruction=f"redraw: {line['prompt']}", mode="generate", reasoning=why)
         return Correction(instruction=format_instruction(ops), mode="edit",
                           reasoning=f"{failing} of {len(oks)} clauses fail; {len(ops)} op(s) fix them")
 
@@ -197,18 +199,25 @@ class ShapeWorldController:
         )
 
     def check_step(self, instruction: str, before: Optional[Image.Image], after: Image.Image) -> PassiveCheck:
+        a = [d for d in self._detect(after) if d.score > THRESHOLD]
+        if before is None:  # a fresh drawing: it executed if it drew anything
+            return PassiveCheck(executed=bool(a), detail=f"drew {_objects(len(a))}")
         try:
             ops = parse_instruction(instruction)
-        except ValueError as exc:
-            return PassiveCheck(executed=True, detail=f"not a ShapeWorld instruction, not checked: {exc}")
-        a = [d for d in self._detect(after) if d.score > THRESHOLD]
-        if before is None or any(op.kind == "redraw" for op in ops):
-            return PassiveCheck(executed=bool(a), detail=f"drew {len(a)} objects")
+        except ValueError as exc:  # an edit it cannot read cannot be checked: say so, never pass it unchecked
+            raise ControllerOutputError(
+                f"cannot check the edit {instruction!r}: not a ShapeWorld instruction ({exc})") from None
+        if any(op.kind == "redraw" for op in ops):
+            return PassiveCheck(executed=bool(a), detail=f"drew {_objects(len(a))}")
         b = [d for d in self._detect(before) if d.score > THRESHOLD]
         missed = [op.text() for op in ops if not _took_effect(op, b, a)]
         if missed:
             return PassiveCheck(executed=False, detail="did not happen: " + "; ".join(missed))
         return PassiveCheck(executed=True, detail=f"{len(ops)} op(s) took effect")
+
+
+def _objects(n: int) -> str:
+    return f"{n} object" if n == 1 else f"{n} objects"
 
 
 def _count(dets: list[Detection], np_: NP) -> int:

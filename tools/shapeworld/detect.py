@@ -10,7 +10,7 @@ from PIL import Image
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from clvr_agent.geneval import Detection
+from clvr_agent.eval.rules import Detection
 from clvr_agent.tools.shapeworld.world import BACKGROUND, PALETTE
 
 _NAMES = list(PALETTE)

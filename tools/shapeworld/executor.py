@@ -16,8 +16,9 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from clvr_agent.geneval import COLORS, THRESHOLD
-from clvr_agent.tools.base import Cancelled, GenerationOutput, ProgressFn
+from clvr_agent.eval.rules import COLORS, THRESHOLD
+from clvr_agent.protocols import GenerationOutput, ProgressFn
+from clvr_agent.errors import Cancelled
 from clvr_agent.tools.shapeworld.detect import detect
 from clvr_agent.tools.shapeworld.language import Op, count_constraints, parse_instruction, parse_prompt
 from clvr_agent.tools.shapeworld.render import render

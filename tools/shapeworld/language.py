@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from clvr_agent.geneval import COLORS, TAGS
+from clvr_agent.eval.rules import COLORS, TAGS
 from clvr_agent.tools.shapeworld.world import CLASSES, PLURALS, RELATIONS
 
 NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from clvr_agent.geneval import COLORS, relative_position
+from clvr_agent.eval.rules import COLORS, relative_position
 
 CANVAS = 256
 CLASSES = ("circle", "square", "triangle", "star", "diamond", "cross")

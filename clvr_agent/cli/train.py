@@ -19,17 +19,14 @@ from typing import Callable, Optional
 
 import typer
 
+from clvr_agent.cli.common import fail
+
 from clvr_agent.training.diffusion_configs import DistillConfig, PPRLConfig, SFTDiffusionConfig
 from clvr_agent.training.vlm_config import SFTVLMConfig
 
 train_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train FLUX.2 klein and the Qwen3-VL controller: SFT, distillation, PPRL.")
 
 _COMMON = {"output_dir", "resume"}  # spelled --out and --resume
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)
 
 
 def _option_type(tp):
@@ -60,17 +57,17 @@ def _build_config(config_cls, config_file: Optional[Path], out: Optional[Path], 
     values: dict = {}
     if config_file is not None:
         if not config_file.is_file():
-            raise _fail(f"--config: file not found: {config_file}")
+            fail(f"--config: file not found: {config_file}")
         try:
             values = json.loads(config_file.read_text())
         except json.JSONDecodeError as exc:
-            raise _fail(f"--config: {config_file} is not JSON ({exc.msg} at line {exc.lineno})") from None
+            fail(f"--config: {config_file} is not JSON ({exc.msg} at line {exc.lineno})")
         if not isinstance(values, dict):
-            raise _fail(f"--config: {config_file} must hold a JSON object of config fields")
+            fail(f"--config: {config_file} must hold a JSON object of config fields")
         names = {f.name for f in dataclasses.fields(config_cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise _fail(f"--config: unknown field(s) {', '.join(unknown)}; see --help for the fields")
+            fail(f"--config: unknown field(s) {', '.join(unknown)}; see --help for the fields")
     hints = typing.get_type_hints(config_cls)
     for name, value in flags.items():
         if value is None:
@@ -79,7 +76,7 @@ def _build_config(config_cls, config_file: Optional[Path], out: Optional[Path], 
             try:
                 value = tuple(int(v) for v in value.split(",") if v.strip())
             except ValueError:
-                raise _fail(f"--{name.replace('_', '-')}: expected comma-separated integers, got {value!r}") from None
+                fail(f"--{name.replace('_', '-')}: expected comma-separated integers, got {value!r}")
         values[name] = value
     if out is not None:
         values["output_dir"] = str(out)
@@ -88,14 +85,14 @@ def _build_config(config_cls, config_file: Optional[Path], out: Optional[Path], 
     try:
         return config_cls(**values)
     except (ValueError, TypeError) as exc:
-        raise _fail(str(exc)) from None
+        fail(str(exc))
 
 
 def _load_pipeline(model: Path, cfg):
     """The klein folder as a pipeline; ``height = width = 0`` takes the folder's ``clvr_canvas.json``
     draw size if it has one (the trainer otherwise takes the pipeline's native size)."""
     if not (model / "model_index.json").is_file():
-        raise _fail(f"--model: {model} is not a diffusers folder (no model_index.json)")
+        fail(f"--model: {model} is not a diffusers folder (no model_index.json)")
     from diffusers import Flux2KleinPipeline
 
     from clvr_agent.tools.flux2_klein import canvas_config
@@ -109,7 +106,7 @@ def _load_pipeline(model: Path, cfg):
 def _read_prompts(path: Path) -> list:
     """Prompts from a .txt (one per line) or .jsonl (records with "prompt" and optional "references")."""
     if not path.is_file():
-        raise _fail(f"--prompts: file not found: {path}")
+        fail(f"--prompts: file not found: {path}")
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     if path.suffix != ".jsonl":
         return [ln.strip() for ln in lines]
@@ -118,13 +115,13 @@ def _read_prompts(path: Path) -> list:
         try:
             rec = json.loads(ln)
         except json.JSONDecodeError:
-            raise _fail(f"{path}:{n}: not JSON") from None
+            fail(f"{path}:{n}: not JSON")
         if "prompt" not in rec:
-            raise _fail(f"{path}:{n}: a record needs a \"prompt\"")
+            fail(f"{path}:{n}: a record needs a \"prompt\"")
         refs = [str(p if Path(p).is_absolute() else path.parent / p) for p in rec.get("references", [])]
         items.append({"prompt": rec["prompt"], "references": refs})
     if not items:
-        raise _fail(f"--prompts: {path} holds no prompts")
+        fail(f"--prompts: {path} holds no prompts")
     return items
 
 
@@ -150,7 +147,7 @@ def _command(name: str, config_cls, extra: list[inspect.Parameter], run: Callabl
         try:
             history = run(cfg, **kwargs)
         except (ValueError, FileNotFoundError, OSError) as exc:
-            raise _fail(str(exc).splitlines()[0]) from None
+            fail(str(exc).splitlines()[0])
         last = history[-1] if history else {}
         typer.echo(json.dumps({"out": cfg.output_dir, "steps": last.get("step", 0),
                                **{k: v for k, v in last.items() if k != "step"}}, default=str))
@@ -192,7 +189,7 @@ def _run_pprl(cfg, *, model: Path, prompts: Path, reward: str):
     from clvr_agent.training.pprl import PPRLTrainer, pixel_similarity_reward, shapeworld_reward
 
     if reward not in REWARDS:
-        raise _fail(f"--reward {reward!r}: choose one of {', '.join(REWARDS)}")
+        fail(f"--reward {reward!r}: choose one of {', '.join(REWARDS)}")
     items = _read_prompts(prompts)
     reward_text = {"shapeworld": shapeworld_reward, "brightness": _brightness}[reward]
     if reward == "shapeworld":
@@ -203,7 +200,7 @@ def _run_pprl(cfg, *, model: Path, prompts: Path, reward: str):
             try:
                 parse_prompt(text)
             except ValueError as exc:
-                raise _fail(f"--reward shapeworld needs ShapeWorld prompts; {text!r}: {exc}") from None
+                fail(f"--reward shapeworld needs ShapeWorld prompts; {text!r}: {exc}")
     trainer = PPRLTrainer(_load_pipeline(model, cfg), cfg, items, reward_text, pixel_similarity_reward)
     return trainer.train()
 

@@ -2,7 +2,7 @@
 
 One tool, ``generate_image(prompt, seed, max_iterations)``. Its result holds the final image as an
 image content block, a one-line text (status, image, iterations, unmet constraints) and, as
-structured content, the run summary (:class:`~clvr_agent.agent_tool.RunSummary`). While it runs,
+structured content, the run summary (:class:`~clvr_agent.app.agent_tool.RunSummary`). While it runs,
 the loop's progress events become MCP progress notifications (when the client sent a progress
 token); a client's cancellation stops the run after the executor's current denoising step. The
 backend is chosen when the server starts and its models load once, before the first request.
@@ -20,10 +20,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
-import typer
-
-from clvr_agent.agent_tool import RunSummary, final_png, run_summary, summarize_result
-from clvr_agent.cli_common import check_device, controller_options, executor_options, fail
+from clvr_agent.app.agent_tool import RunSummary, final_png, run_summary, summarize_result
 
 if TYPE_CHECKING:
     from mcp.server.fastmcp import FastMCP
@@ -36,7 +33,7 @@ TOOL_DESCRIPTION = (
 CANCEL_GRACE_S = 120.0  # how long a cancelled run may take to reach its next denoising step
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
     """One line on stderr (on stdio, stdout is the protocol)."""
     print(f"clvr mcp: {message}", file=sys.stderr, flush=True)
 
@@ -109,10 +106,10 @@ class ClvrMcpService:
             values = await asyncio.shield(task)
         except asyncio.CancelledError:
             await self._stop(task, run_id, seen)
-            _log(f"run {run_id} cancelled by the client; stopped after {seen['denoise']} denoising step(s) "
+            log(f"run {run_id} cancelled by the client; stopped after {seen['denoise']} denoising step(s) "
                  f"in {time.perf_counter() - t0:.2f}s")
             raise
-        _log(f"run {run_id}: {values.get('status')} after {values.get('iterations')} iteration(s), "
+        log(f"run {run_id}: {values.get('status')} after {values.get('iterations')} iteration(s), "
              f"{seen['denoise']} denoising step(s) in {time.perf_counter() - t0:.2f}s")
         return values
 
@@ -128,7 +125,7 @@ class ClvrMcpService:
                 task.cancel()
                 await asyncio.wait({task})
         if task.done() and not task.cancelled() and task.exception() is not None:
-            _log(f"run {run_id} raised while stopping: {task.exception()!r}")
+            log(f"run {run_id} raised while stopping: {task.exception()!r}")
 
 
 def build_server(runnable: Any, *, host: str = "127.0.0.1", port: int = 8000) -> "FastMCP":
@@ -154,57 +151,3 @@ def build_server(runnable: Any, *, host: str = "127.0.0.1", port: int = 8000) ->
         return await service.generate(prompt, seed, max_iterations, ctx)
 
     return server
-
-
-def register(app: typer.Typer) -> None:
-    """Mount ``clvr mcp`` on the CLI."""
-
-    @app.command("mcp")
-    def mcp_command(
-        backend: str = typer.Option("shapeworld", help="Executor: shapeworld (embedded), flux2-klein, clvr-mini."),
-        controller: Optional[str] = typer.Option(None, help="Controller: shapeworld, qwen3-vl, chat-model."),
-        model: Optional[str] = typer.Option(None, help="Executor weights: hub id or local folder."),
-        vlm: Optional[str] = typer.Option(None, help="Qwen3-VL weights: hub id or local folder."),
-        base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible server for --controller chat-model."),
-        model_name: Optional[str] = typer.Option(None, help="Model name on that server."),
-        dtype: str = typer.Option("bfloat16", help="torch dtype for real models."),
-        device: str = typer.Option("cuda", help="torch device for real models."),
-        offload: bool = typer.Option(False, help="enable_model_cpu_offload for the executor."),
-        height: Optional[int] = typer.Option(None), width: Optional[int] = typer.Option(None),
-        steps: Optional[int] = typer.Option(None, help="Denoising steps (default from the checkpoint)."),
-        guidance: Optional[float] = typer.Option(None, help="Guidance scale (default from the checkpoint)."),
-        max_iterations: int = typer.Option(8, help="Loop budget when a call gives none."),
-        seed: int = typer.Option(0, help="Seed when a call gives none."),
-        artifact_dir: Optional[Path] = typer.Option(None, help="Where canvases are written (default: a temp dir)."),
-        http: bool = typer.Option(False, "--http", help="Serve streamable HTTP instead of stdio."),
-        host: str = typer.Option("127.0.0.1", help="--http: address to listen on."),
-        port: int = typer.Option(8000, help="--http: port to listen on."),
-    ) -> None:
-        """Serve CLVR over the Model Context Protocol: stdio by default, streamable HTTP with --http."""
-        try:
-            import mcp  # noqa: F401
-        except ImportError:
-            fail('clvr mcp needs the mcp package: pip install -e ".[agents]"')
-        if not 0 < port < 65536:
-            fail(f"--port must be 1-65535, got {port}")
-        device, dtype = check_device(backend, device, dtype)
-        from clvr_agent.api import build_context, create_clvr
-        from clvr_agent.tools.registry import MissingDependencyError, UnknownBackendError
-
-        settings = dict(max_iterations=max_iterations, seed=seed, steps=steps, guidance=guidance,
-                        height=height, width=width, artifact_dir=str(artifact_dir) if artifact_dir else None)
-        try:
-            ex_opts = executor_options(backend, model, dtype, device, offload)
-            ctl_opts = controller_options(controller, vlm, base_url, model_name, dtype, device)
-            ctx = build_context(backend, controller=controller, executor_options=ex_opts,
-                                controller_options=ctl_opts, **settings)  # loads the models, once
-            runnable = create_clvr(context=ctx)
-        except (UnknownBackendError, MissingDependencyError, FileNotFoundError, ValueError) as exc:
-            fail(str(exc).splitlines()[0])
-        server = build_server(runnable, host=host, port=port)
-        if http:
-            _log(f"serving {backend} on http://{host}:{port}{server.settings.streamable_http_path}")
-            server.run(transport="streamable-http")
-        else:
-            _log(f"serving {backend} on stdio")
-            server.run(transport="stdio")

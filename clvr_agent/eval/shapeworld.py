@@ -1,7 +1,7 @@
 """Benchmarks on plain files: GenEval-style eval, scoring any GenEval-layout folder, the complexity probe.
 
 Every command writes JSONL/JSON results and a PNG chart, so runs can be diffed and re-plotted.
-Pass/fail is always GenEval's rule (:mod:`clvr_agent.geneval`) on the ShapeWorld detector's view
+Pass/fail is always GenEval's rule (:mod:`clvr_agent.eval.rules`) on the ShapeWorld detector's view
 of the final pixels, whatever produced them.
 """
 
@@ -11,12 +11,13 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable, Literal, Optional
+from typing import Callable, Iterable, Literal, Optional
 
 import numpy as np
 from PIL import Image
 
-from clvr_agent.geneval import TAGS, evaluate_image, summarize
+from clvr_agent.eval.rules import TAGS, evaluate_image, summarize
+from clvr_agent.eval.sampling import Sampler, loop, prompt_seed, single_step
 
 DETECTORS = ("shapeworld",)
 
@@ -35,38 +36,38 @@ def _bar(items: Iterable, total: int, desc: str, progress: bool):
     return tqdm(items, total=total, desc=desc, disable=not progress, file=sys.stderr, leave=False)
 
 
-def _prompt_seed(seed: int, i: int) -> int:
-    return (seed * 100_003 + i) % (2**31 - 1)
+def _sampler(mode: str, backend: str, workdir: str, max_iterations: int) -> Sampler:
+    """``single`` (one executor call) or ``loop`` (the CLVR graph) on the named backend."""
+    if mode not in ("single", "loop"):
+        raise ValueError(f"mode must be 'single' or 'loop', got {mode!r}")
+    if mode == "single":
+        from clvr_agent.tools.registry import get_executor
+
+        return single_step(get_executor(backend))
+    from clvr_agent.app.api import create_clvr
+
+    return loop(create_clvr(backend, artifact_dir=workdir, max_iterations=max_iterations))
 
 
-class _Runner:
-    """Draws one prompt in ``single`` mode (one executor call) or ``loop`` mode (the CLVR graph)."""
-
-    def __init__(self, mode: str, backend: str, workdir: str, max_iterations: int = 8) -> None:
-        if mode not in ("single", "loop"):
-            raise ValueError(f"mode must be 'single' or 'loop', got {mode!r}")
-        self.mode = mode
-        if mode == "single":
-            from clvr_agent.tools.registry import get_executor
-
-            self.executor = get_executor(backend)
-        else:
-            from clvr_agent.api import create_clvr
-
-            self.runnable = create_clvr(backend, artifact_dir=workdir, max_iterations=max_iterations)
-
-    def __call__(self, prompt: str, seed: int) -> tuple[Image.Image, int, str]:
-        """(final image, iterations, status)."""
-        if self.mode == "single":
-            from clvr_agent.types import ExecutorRequest
-
-            request = ExecutorRequest(mode="generate", instruction=prompt, accumulated_prompt=prompt, seed=seed)
-            return self.executor.generate(request, []).image, 1, "single"
-        out = self.runnable.invoke({"prompt": prompt, "seed": seed})
-        if not out.get("final_image"):
-            raise RuntimeError(f"the loop produced no image for {prompt!r}: {out.get('stop_reason')}")
-        with Image.open(out["final_image"]) as im:
-            return im.convert("RGB"), int(out["iterations"]), str(out["status"])
+def run_lines(lines: list[dict], sample: Sampler, seed: int, progress: bool = False, desc: str = "",
+              samples_dir: Optional[Path] = None, on_row: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
+    """One row per prompt line: passed (GenEval's rule on the detector's view), iterations, status.
+    A run with no final image does not pass. ``on_row(i, row)`` is called after each prompt."""
+    detect = _detector("shapeworld")
+    rows = []
+    for i, line in enumerate(_bar(lines, len(lines), desc, progress)):
+        image, iterations, status = sample(line["prompt"], prompt_seed(seed, i))
+        passed, reason = evaluate_image(line, detect(image)) if image is not None else (False, f"no image ({status})")
+        if samples_dir is not None and image is not None:
+            folder = samples_dir / f"{i:05d}"
+            (folder / "samples").mkdir(parents=True, exist_ok=True)
+            (folder / "metadata.jsonl").write_text(json.dumps(line) + "\n")
+            image.save(folder / "samples" / "0000.png")
+        rows.append({"index": i, "tag": line["tag"], "tier": line["tier"], "prompt": line["prompt"],
+                     "passed": bool(passed), "iterations": iterations, "status": status, "reason": reason})
+        if on_row is not None:
+            on_row(i, rows[-1])
+    return rows
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -75,21 +76,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def _run_lines(lines: list[dict], mode: str, seed: int, backend: str, progress: bool, desc: str,
                samples_dir: Optional[Path] = None, max_iterations: int = 8) -> list[dict]:
-    detect = _detector("shapeworld")
-    rows = []
     with tempfile.TemporaryDirectory(prefix="clvr-eval-") as work:
-        run = _Runner(mode, backend, work, max_iterations)
-        for i, line in enumerate(_bar(lines, len(lines), desc, progress)):
-            image, iterations, status = run(line["prompt"], _prompt_seed(seed, i))
-            passed, reason = evaluate_image(line, detect(image))
-            if samples_dir is not None:
-                folder = samples_dir / f"{i:05d}"
-                (folder / "samples").mkdir(parents=True, exist_ok=True)
-                (folder / "metadata.jsonl").write_text(json.dumps(line) + "\n")
-                image.save(folder / "samples" / "0000.png")
-            rows.append({"tag": line["tag"], "tier": line["tier"], "prompt": line["prompt"], "passed": passed,
-                         "iterations": iterations, "status": status, "reason": reason})
-    return rows
+        return run_lines(lines, _sampler(mode, backend, work, max_iterations), seed, progress, desc, samples_dir)
 
 
 def eval_shapeworld(
@@ -124,31 +112,13 @@ def eval_shapeworld(
     return summary
 
 
-def score_folder(images_dir: str, out_dir: str, detector: str = "shapeworld", progress: bool = True) -> dict:
-    """Score a GenEval-layout folder (``NNNNN/metadata.jsonl`` + ``NNNNN/samples/*.png``).
+def score_folder(images_dir: str, out_dir: str, detector: str = "shapeworld") -> dict:
+    """Score a GenEval-layout folder with the ShapeWorld detector (:func:`clvr_agent.eval.geneval.score_folder`)."""
+    from clvr_agent.eval.geneval import score_folder as score
 
-    Writes ``results.jsonl`` with the official evaluator's fields (``filename``, ``tag``,
-    ``prompt``, ``correct``, ``reason``, ``metadata``) and ``summary.json``.
-    """
-    detect = _detector(detector)
-    root = Path(images_dir)
-    folders = sorted(p for p in root.iterdir() if (p / "metadata.jsonl").is_file()) if root.is_dir() else []
-    if not folders:
-        raise ValueError(f"no GenEval prompt folders (NNNNN/metadata.jsonl) under {images_dir}")
-    rows = []
-    for folder in _bar(folders, len(folders), "score", progress):
-        metadata = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])
-        for png in sorted((folder / "samples").glob("*.png")):
-            with Image.open(png) as im:
-                correct, reason = evaluate_image(metadata, detect(im.convert("RGB")))
-            rows.append({"filename": str(png), "tag": metadata["tag"], "prompt": metadata["prompt"],
-                         "correct": correct, "reason": reason, "metadata": json.dumps(metadata)})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "results.jsonl", rows)
-    summary = summarize(rows)
-    summary.update(images=len(rows), prompts=len(folders), detector=detector)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = score(Path(images_dir), Path(out_dir), _detector(detector))
+    summary["detector"] = detector
+    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -10,10 +10,11 @@ from typing import Any, AsyncIterator, Iterator, Optional, Union
 from langchain_core.runnables import Runnable, RunnableBinding
 from pydantic import Field, ValidationError
 
-from clvr_agent.agent_tool import clvr_tool, summarize_result  # noqa: F401 - re-exported (0.1 import path)
+from clvr_agent.app.agent_tool import clvr_tool, summarize_result  # noqa: F401 - re-exported (0.1 import path)
+from clvr_agent.graphs.graph import build_graph
+from clvr_agent.protocols import Controller, Executor
 from clvr_agent.state import ClvrContext, ClvrInput, input_error
-from clvr_agent.tools.base import Controller, Executor
-from clvr_agent.tools.registry import controller_names, executor_names
+from clvr_agent.tools import registry
 
 
 def _live_controller(controller: Any, options: dict) -> Optional[Controller]:
@@ -40,23 +41,17 @@ def make_context(
     """A validated context; backend names are checked, nothing is loaded yet."""
     data: dict = dict(executor_options=executor_options or {}, controller_options=controller_options or {})
     if isinstance(backend, str):
-        if backend not in executor_names():
-            from clvr_agent.tools.registry import UnknownBackendError
-
-            raise UnknownBackendError(f"unknown executor backend {backend!r}; known: {', '.join(executor_names())}")
+        registry.check_name("executor", backend)
         data["backend"] = backend
     else:
         data.update(backend=getattr(backend, "name", "custom"), executor=backend)
     if isinstance(controller, str):
-        if controller not in controller_names():
-            from clvr_agent.tools.registry import UnknownBackendError
-
-            raise UnknownBackendError(f"unknown controller backend {controller!r}; known: {', '.join(controller_names())}")
+        registry.check_name("controller", controller)
         data["controller"] = controller
     elif controller is not None:
         data["controller"] = _live_controller(controller, controller_options or {})
     try:
-        return ClvrContext(**data, **settings)
+        return ClvrContext(**data, **settings).use_backends(registry)
     except ValidationError as exc:
         raise ValueError(f"invalid setting {input_error(exc)}") from None
 
@@ -87,13 +82,12 @@ def create_clvr(
     ``astream`` work as on any Runnable. Settings are the fields of :class:`~clvr_agent.state.Settings`.
     Models load on the first run (once per process); every run gets its own cancel flag.
     """
-    from clvr_agent.graphs.graph import build_graph
-
     if isinstance(context, dict):
         context = make_context(**context)
     ctx = context or make_context(backend, controller=controller, executor_options=executor_options,
                                   controller_options=controller_options, **settings)
-    graph = build_graph(interactive=ctx.interactive).compile(checkpointer=checkpointer, name="clvr")
+    ctx.use_backends(registry)
+    graph = build_graph(interactive=ctx.interactive, backends=registry).compile(checkpointer=checkpointer, name="clvr")
     return ClvrRunnable(bound=graph, kwargs={"context": ctx}, clvr_context=ctx)
 
 

@@ -28,8 +28,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from clvr_agent.geneval import TAGS, evaluate_image
-from clvr_agent.tools.base import ControllerOutputError
+from clvr_agent.eval.rules import TAGS, evaluate_image
+from clvr_agent.errors import ControllerOutputError
 from clvr_agent.tools.conversation import ControllerCall
 from clvr_agent.types import Correction, ExecutorRequest, PassiveCheck, Plan, Verdict
 
@@ -40,16 +40,12 @@ def _bar(items, desc: str, progress: bool):
     return tqdm(items, desc=desc, disable=not progress, file=sys.stderr, leave=False)
 
 
-def _prompt_seed(seed: int, i: int) -> int:
-    return (seed * 100_003 + i) % (2**31 - 1)
-
-
 def _rate(values: list) -> Optional[float]:
     return float(np.mean(values)) if values else None
 
 
 def _loop(executor, controller, workdir: Path, max_iterations: int):
-    from clvr_agent.api import create_clvr
+    from clvr_agent.app.api import create_clvr
     from clvr_agent.state import ClvrContext, Settings
 
     settings = Settings(max_iterations=max_iterations, artifact_dir=str(workdir))
@@ -57,35 +53,14 @@ def _loop(executor, controller, workdir: Path, max_iterations: int):
 
 
 def run_loops(lines: list[dict], mode: str, executor, controller, seed: int, workdir: Path, max_iterations: int,
-              progress: bool) -> list[dict]:
-    """One row per prompt: passed (GenEval rule on the detector's view), iterations, status."""
-    from clvr_agent.tools.shapeworld.detect import detect
+              progress: bool, on_row=None) -> list[dict]:
+    """One row per prompt (:func:`clvr_agent.eval.shapeworld.run_lines`), tagged with ``mode``."""
+    from clvr_agent.eval.sampling import loop, single_step
+    from clvr_agent.eval.shapeworld import run_lines
 
-    if mode != "single":
-        loop = _loop(executor, controller, workdir, max_iterations)
-        return [run_one(loop, line, i, seed, mode) for i, line in enumerate(_bar(lines, f"loop {mode}", progress))]
-    rows = []
-    for i, line in enumerate(_bar(lines, "single", progress)):
-        request = ExecutorRequest(mode="generate", instruction=line["prompt"], accumulated_prompt=line["prompt"],
-                                  seed=_prompt_seed(seed, i))
-        image = executor.generate(request, []).image
-        rows.append({"mode": mode, "index": i, "tag": line["tag"], "tier": line["tier"], "prompt": line["prompt"],
-                     "passed": bool(evaluate_image(line, detect(image))[0]), "iterations": 1, "status": "single"})
-    return rows
-
-
-def run_one(loop, line: dict, i: int, seed: int, mode: str) -> dict:
-    """One loop run of prompt ``i``; a run with no final image (failed) does not pass."""
-    from clvr_agent.tools.shapeworld.detect import detect
-
-    out = loop.invoke({"prompt": line["prompt"], "seed": _prompt_seed(seed, i)})
-    image = None
-    if out.get("final_image"):
-        with Image.open(out["final_image"]) as im:
-            image = im.convert("RGB")
-    passed = bool(image is not None and evaluate_image(line, detect(image))[0])
-    return {"mode": mode, "index": i, "tag": line["tag"], "tier": line["tier"], "prompt": line["prompt"],
-            "passed": passed, "iterations": int(out.get("iterations") or 0), "status": str(out.get("status"))}
+    sample = single_step(executor) if mode == "single" else loop(_loop(executor, controller, workdir, max_iterations))
+    rows = run_lines(lines, sample, seed, progress, f"loop {mode}", on_row=on_row)
+    return [{"mode": mode, **row} for row in rows]
 
 
 def _loop_summary(rows: list[dict]) -> dict:
@@ -142,7 +117,7 @@ def compare_call(call: ControllerCall, controller, oracle, executor, tag: str, t
 def _fixes(correction: Correction, call: ControllerCall, canvas: Image.Image, unmet: list[str], oracle,
            executor) -> bool:
     """Draw ``correction`` as the loop would (same seed for every controller) and verify it exactly."""
-    mode = "generate" if correction.mode == "regenerate" else correction.mode
+    mode = correction.mode
     refs = [] if mode == "generate" else [canvas]
     request = ExecutorRequest(mode=mode, instruction=correction.instruction, accumulated_prompt=call.prompt,
                               seed=len(call.history) + 7, region=correction.region,
@@ -205,14 +180,15 @@ def eval_controller(controller, name: str, n: int = 300, calls_n: int = 60, seed
         work = Path(work)
         recorder = RecordingController(ShapeWorldController(), work / "calls")
         single = run_loops(lines, "single", executor, None, seed, work / "single", max_iterations, progress)
-        oracle_rows = []
         recorded: list[tuple[ControllerCall, dict]] = []
-        loop = _loop(executor, recorder, work / "oracle", max_iterations)
-        for i, line in enumerate(_bar(lines, "loop oracle", progress)):
-            oracle_rows.append(run_one(loop, line, i, seed, "oracle"))
+
+        def record(i: int, row: dict) -> None:
             calls = recorder.take()
             if i < calls_n:
-                recorded += [(c.resolved(work / "calls"), line) for c in calls]
+                recorded.extend((c.resolved(work / "calls"), lines[i]) for c in calls)
+
+        oracle_rows = run_loops(lines, "oracle", executor, recorder, seed, work / "oracle", max_iterations, progress,
+                                on_row=record)
         call_rows = [compare_call(c, controller, oracle, executor, line["tag"], line["tier"])
                      for c, line in _bar(recorded, "calls", progress)]
         learned = run_loops(lines, "learned", executor, controller, seed, work / "learned", max_iterations, progress)

@@ -13,7 +13,15 @@ from rich.table import Table
 bench_app = typer.Typer(help="Benchmarks: loop-speed, overhead, loads, kv-refs, merge, eval-throughput, gpu.")
 
 # merge and gpu take their own options and live below.
-_NAMES = ("loop-speed", "overhead", "loads", "kv-refs", "eval-throughput")
+_NAMES = {
+    "loop-speed": "Two-iteration loop, base klein (28 steps, CFG) vs distilled (4 steps) on bench-size weights: "
+                  "speedup and NFE ratio.",
+    "overhead": "Fraction of the distilled loop's wall time spent outside model calls, with and without the "
+                "SQLite checkpointer.",
+    "loads": "N invokes through the registry in one process: how many times each model was built (want 1).",
+    "kv-refs": "Plain vs KV klein pipeline editing with 0-3 reference canvases: seconds per call and their ratio.",
+    "eval-throughput": "ShapeWorld GenEval-style prompts per second, single step and closed loop.",
+}
 
 
 def _table(result: dict) -> Table:
@@ -36,7 +44,7 @@ def _command(name: str):
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the figures to this JSON file."),
         repeat: Optional[int] = typer.Option(None, "--repeat", min=1, help="Rounds (or invokes / prompts)."),
     ) -> None:
-        from clvr_agent.bench import BENCHES
+        from clvr_agent.eval.bench import BENCHES
 
         fn = BENCHES[name]
         result = fn(repeat=repeat) if repeat is not None else fn()
@@ -45,7 +53,7 @@ def _command(name: str):
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps(result, indent=2))
 
-    run.__doc__ = f"Run the {name} benchmark."
+    run.__doc__ = _NAMES[name] + " Prints a table; --json writes the figures."
     return run
 
 
@@ -73,8 +81,8 @@ def merge(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the figures to this JSON file."),
 ) -> None:
     """Peak RssAnon above idle of a streamed DSWM merge per input dtype, against 2 × largest tensor + 200 MiB."""
-    from clvr_agent.bench_merge import DTYPES, bench_merge, print_table
-    from clvr_agent.cli_common import fail
+    from clvr_agent.eval.bench_merge import DTYPES, bench_merge, print_table
+    from clvr_agent.cli.common import fail
 
     unknown = [d for d in dtype if d not in DTYPES]
     if unknown:
@@ -97,8 +105,8 @@ def concurrency(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the figures to this JSON file."),
 ) -> None:
     """Concurrent durable runs on one PostgreSQL checkpointer: throughput and per-step latency by level."""
-    from clvr_agent.bench import bench_concurrency
-    from clvr_agent.cli_common import fail
+    from clvr_agent.eval.bench import bench_concurrency
+    from clvr_agent.cli.common import fail
 
     try:
         counts = tuple(int(x) for x in levels.split(","))
@@ -131,7 +139,7 @@ def gpu(
 
     import torch
 
-    from clvr_agent.bench_gpu import DRY_RUN, FULL, print_plan, run, write_report
+    from clvr_agent.eval.bench_gpu import DRY_RUN, FULL, print_plan, run, write_report
 
     if not dry_run and not torch.cuda.is_available():
         Console().print_json(json.dumps({"bench": "gpu", "skipped": "no CUDA device (--dry-run checks the plan on CPU)"}))

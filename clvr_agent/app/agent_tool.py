@@ -164,7 +164,7 @@ def clvr_tool(
     if response_format not in ("content", "content_and_artifact"):
         raise ValueError(f"response_format must be 'content' or 'content_and_artifact', got {response_format!r}")
     if runnable is None:
-        from clvr_agent.api import create_clvr
+        from clvr_agent.app.api import create_clvr
 
         runnable = create_clvr(**settings)
     elif settings:

@@ -1,8 +1,10 @@
-"""The two small protocols every backend implements, and the events they may emit.
+"""The small protocols the graph talks to: an executor, a controller, and where they come from.
 
 An :class:`Executor` draws or edits a canvas; a :class:`Controller` plans, verifies and corrects.
 Backends receive PIL images (loaded by the graph from the artifact store) and return pydantic
-records from :mod:`clvr_agent.types`; they never see graph state.
+records from :mod:`clvr_agent.types`; they never see graph state. :class:`Backends` resolves the
+names a plain-data context carries (``backend="clvr-mini"``) to live objects; the app wires the
+shipped registry (:mod:`clvr_agent.tools.registry`) into the graph as one.
 """
 
 from __future__ import annotations
@@ -23,14 +25,6 @@ from clvr_agent.types import (
 
 # progress(step, total) -> True to cancel the remaining denoising steps.
 ProgressFn = Callable[[int, int], Optional[bool]]
-
-
-class Cancelled(Exception):
-    """Raised by an executor when its progress callback asked it to stop."""
-
-
-class ControllerOutputError(ValueError):
-    """The controller produced output that could not be parsed or validated (after its retries)."""
 
 
 @dataclass
@@ -81,4 +75,17 @@ class Controller(Protocol):
         self, prompt: str, plan: Plan, verdict: Verdict, canvas: Image.Image, history: list[Step]
     ) -> Correction:
         """Write the next instruction that fixes what ``verdict`` found unmet."""
+        ...
+
+
+@runtime_checkable
+class Backends(Protocol):
+    """Named backends, each built once per process (a module with these three functions qualifies)."""
+
+    def get_executor(self, name: str, **options) -> Executor: ...
+
+    def get_controller(self, name: str, **options) -> Controller: ...
+
+    def default_controller(self, backend: str) -> str:
+        """The controller a backend pairs with when the context names none."""
         ...

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from clvr_agent.trace import write_trace
+from clvr_agent.app.trace import write_trace
 from clvr_agent.types import IMAGE_ROOT, Trajectory
 
 MANIFEST = "run.json"
@@ -208,7 +208,7 @@ def trajectory_from_state(values: dict, *, backend: str = "", controller: str = 
     return Trajectory(
         prompt=values.get("prompt", ""), seed=values.get("seed") or 0, backend=backend, controller=controller,
         plan=values.get("plan"), steps=steps, status=values.get("status", "running"),
-        stop_reason=values.get("stop_reason", "interrupted"), iterations=values.get("iteration", 0),
+        stop_reason=values.get("stop_reason", "interrupted"), iterations=values.get("iterations", 0),
         final_image=done[-1].canvas if done else None, model_calls=values.get("model_calls", []),
     )
 

@@ -8,18 +8,14 @@ from typing import Optional
 
 import typer
 
+from clvr_agent.cli.common import fail, model_choice
+
 eval_app = typer.Typer(no_args_is_help=True, help="Measure the loop: ShapeWorld, any GenEval folder, real GenEval.")
-
-
-def _fail(message: str) -> None:
-    from clvr_agent.cli_common import fail
-
-    fail(message)
 
 
 def _out_ok(out: Path, overwrite: bool, resume: bool = False) -> None:
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        _fail(f"--out {out} is not empty; pass --overwrite to replace its results")
+        fail(f"--out {out} is not empty; pass --overwrite to replace its results")
 
 
 def _parse_tiers(text: str) -> list[int]:
@@ -30,9 +26,9 @@ def _parse_tiers(text: str) -> list[int]:
         else:
             tiers = [int(x) for x in text.split(",")]
     except ValueError:
-        _fail(f"--tiers {text!r}: expected a range like 1-10 or a list like 1,5,10")
+        fail(f"--tiers {text!r}: expected a range like 1-10 or a list like 1,5,10")
     if not tiers or min(tiers) < 1 or max(tiers) > 10:
-        _fail(f"--tiers {text!r}: tiers run from 1 to 10")
+        fail(f"--tiers {text!r}: tiers run from 1 to 10")
     return tiers
 
 
@@ -47,17 +43,17 @@ def eval_shapeworld_cmd(
     overwrite: bool = typer.Option(False),
 ) -> None:
     """GenEval-style pass rate on ShapeWorld prompts → results.jsonl, summary.json, summary.png."""
-    from clvr_agent.evaluation import eval_shapeworld
+    from clvr_agent.eval.shapeworld import eval_shapeworld
 
     if mode not in ("single", "loop"):
-        _fail(f"--mode {mode!r}: choose single or loop")
+        fail(f"--mode {mode!r}: choose single or loop")
     _out_ok(out, overwrite)
-    from clvr_agent.tools.registry import MissingDependencyError, UnknownBackendError
+    from clvr_agent.errors import MissingDependencyError, UnknownBackendError
 
     try:
         summary = eval_shapeworld(mode=mode, n=n, seed=seed, out_dir=out, backend=backend, max_iterations=max_iterations)
     except (UnknownBackendError, MissingDependencyError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -78,19 +74,21 @@ def eval_controller_cmd(
     overwrite: bool = typer.Option(False),
 ) -> None:
     """A controller as planner, verifier and loop driver vs the oracle and single step → summary.json, table.md."""
-    from clvr_agent.cli_common import controller_options
-    from clvr_agent.controller_eval import eval_controller
-    from clvr_agent.tools.registry import MissingDependencyError, UnknownBackendError, get_controller
+    from clvr_agent.eval.controller import eval_controller
+    from clvr_agent.tools.registry import get_controller
+    from clvr_agent.errors import MissingDependencyError, UnknownBackendError
 
     if calls_n > n:
-        _fail(f"--calls-n {calls_n} is more than --n {n}")
+        fail(f"--calls-n {calls_n} is more than --n {n}")
     _out_ok(out, overwrite)
     try:
-        ctl = get_controller(controller, **controller_options(controller, vlm, base_url, model_name, dtype, device))
+        models = model_choice(backend, controller, None, vlm, base_url, model_name, dtype, device, False,
+                              None, None, None, None)
+        ctl = get_controller(controller, **models.controller_options)
         summary = eval_controller(ctl, vlm or controller, n=n, calls_n=calls_n, seed=seed, out_dir=out,
                                   backend=backend, max_iterations=max_iterations)
     except (UnknownBackendError, MissingDependencyError, FileNotFoundError, OSError, ValueError) as exc:
-        _fail(str(exc).splitlines()[0])
+        fail(str(exc).splitlines()[0])
     typer.echo((out / "table.md").read_text())
     typer.echo(f"wrote {out / 'summary.json'} and {out / 'table.md'}")
 
@@ -107,20 +105,20 @@ def score_cmd(
 ) -> None:
     """Score any GenEval-layout folder → OUT/results.jsonl (official fields) and OUT/summary.json."""
     if not images.is_dir():
-        _fail(f"--images {images} is not a folder")
+        fail(f"--images {images} is not a folder")
     _out_ok(out, overwrite)
     if detector == "shapeworld":
-        from clvr_agent.evaluation import score_folder
+        from clvr_agent.eval.shapeworld import score_folder
 
         summary = score_folder(images, out, detector="shapeworld")
     elif detector == "mask2former":
-        from clvr_agent.cli_geneval import score_mask2former
+        from clvr_agent.cli.geneval import score_mask2former
 
         if not detector_model or not clip_model:
-            _fail("--detector mask2former needs --detector-model and --clip-model")
+            fail("--detector mask2former needs --detector-model and --clip-model")
         summary = score_mask2former(images, out, detector_model=detector_model, clip_model=clip_model, device=device)
     else:
-        _fail(f"unknown detector {detector!r}; known: shapeworld, mask2former")
+        fail(f"unknown detector {detector!r}; known: shapeworld, mask2former")
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -133,7 +131,7 @@ def probe_cmd(
     overwrite: bool = typer.Option(False),
 ) -> None:
     """Single-step vs loop pass rate by complexity tier → summary.json and probe.png."""
-    from clvr_agent.evaluation import probe
+    from clvr_agent.eval.shapeworld import probe
 
     tier_list = _parse_tiers(tiers)
     _out_ok(out, overwrite)
@@ -145,9 +143,9 @@ def register(app: typer.Typer) -> None:
     """Top-level commands that belong with evaluation (``clvr probe``) and real GenEval."""
     app.command("probe")(probe_cmd)
     try:
-        from clvr_agent.cli_geneval import register as register_geneval
+        from clvr_agent.cli.geneval import register as register_geneval
     except ModuleNotFoundError as exc:
-        if exc.name != "clvr_agent.cli_geneval":
+        if exc.name != "clvr_agent.cli.geneval":
             raise
     else:
         register_geneval(eval_app)

@@ -27,7 +27,7 @@ def _bench_pipeline(distilled: bool, seed: int = 0):
 
 def _two_iteration_loop(executor, *, checkpointer=None, artifact_dir: str, steps=None, guidance=None):
     """plan, generate, verify, correct, edit, verify, stop — with a scripted controller."""
-    from clvr_agent.api import create_clvr
+    from clvr_agent.app.api import create_clvr
     from clvr_agent.tools.scripted import ScriptedController
 
     ctx = ClvrContext(
@@ -80,7 +80,7 @@ def bench_loop_speed(repeat: int = 3) -> dict:
 
 def bench_overhead(repeat: int = 3) -> dict:
     """Fraction of the distilled loop's wall time spent outside model calls, checkpointer on and off."""
-    from clvr_agent.runs import open_checkpointer
+    from clvr_agent.app.runs import open_checkpointer
     from clvr_agent.tools.flux2_klein import Flux2KleinExecutor
 
     executor = Flux2KleinExecutor.from_pipeline(_bench_pipeline(distilled=True))
@@ -106,7 +106,7 @@ def bench_overhead(repeat: int = 3) -> dict:
 
 def bench_loads(n: int = 5) -> dict:
     """N invokes through the registry in one process: how many times each model was built."""
-    from clvr_agent.api import create_clvr
+    from clvr_agent.app.api import create_clvr
     from clvr_agent.tools import registry
 
     registry.clear_cache()
@@ -156,7 +156,7 @@ def bench_kv_refs(repeat: int = 3) -> dict:
 
 def bench_eval_throughput(n: int = 60) -> dict:
     """ShapeWorld GenEval-style prompts per second, single step and closed loop."""
-    from clvr_agent.evaluation import eval_shapeworld
+    from clvr_agent.eval.shapeworld import eval_shapeworld
 
     result = {"bench": "eval-throughput", "prompts": n}
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,13 +174,13 @@ def bench_gpu() -> dict:
 
     if not torch.cuda.is_available():
         return {"bench": "gpu", "skipped": "no CUDA device"}
-    from clvr_agent.bench_gpu import run
+    from clvr_agent.eval.bench_gpu import run
 
     return run()
 
 
 def bench_merge_entry(repeat: int = 1) -> dict:
-    from clvr_agent.bench_merge import bench_merge
+    from clvr_agent.eval.bench_merge import bench_merge
 
     return bench_merge(repeat=repeat)
 
@@ -211,7 +211,7 @@ def bench_concurrency(url: str, levels: tuple[int, ...] = (1, 4, 16, 64), latenc
     from psycopg.rows import dict_row
     from psycopg_pool import ConnectionPool
 
-    from clvr_agent.api import create_clvr
+    from clvr_agent.app.api import create_clvr
     from clvr_agent.state import checkpoint_serde
 
     rows = []

@@ -173,23 +173,24 @@ def partial_score(
 def summarize(results: Sequence[dict]) -> dict:
     """``summary_scores.py``: per-tag mean of ``correct``; overall = unweighted mean of the tag means.
 
-    Tags appear in order of first occurrence, as pandas' ``groupby(sort=False)`` lists them.
+    Tags appear in order of first occurrence, as pandas' ``groupby(sort=False)`` lists them. Rates are
+    rounded to 6 decimals (exact for any n up to 10^6 images), so summaries print 0.715, not 0.7149999999999999.
     """
     per_tag: dict[str, list[bool]] = {}
     for r in results:
         per_tag.setdefault(r["tag"], []).append(bool(r["correct"]))
     means = {tag: float(np.mean(v)) for tag, v in per_tag.items()}
     overall = float(np.mean(list(means.values()))) if means else 0.0
-    return {"overall": overall, "per_tag": means}
+    return {"overall": round(overall, 6), "per_tag": {tag: round(m, 6) for tag, m in means.items()}}
 
 
 def load_official_metadata() -> list[dict]:
     """The 553 official GenEval prompts with their clauses (packaged copy of the benchmark file)."""
-    text = resources.files("clvr_agent").joinpath("geneval_metadata.jsonl").read_text()
+    text = resources.files("clvr_agent.eval").joinpath("geneval_metadata.jsonl").read_text()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def load_object_names() -> list[str]:
     """The 80 COCO class names GenEval's detector knows."""
-    text = resources.files("clvr_agent").joinpath("geneval_object_names.txt").read_text()
+    text = resources.files("clvr_agent.eval").joinpath("geneval_object_names.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip()]

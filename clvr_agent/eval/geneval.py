@@ -10,8 +10,9 @@ Layout (the official one, so the mmdet evaluator can score the same folder)::
 Generation is resumable (an existing sample is never redrawn; a sample is written to a temporary
 name and renamed, so an interrupted write leaves nothing) and shardable: prompt i belongs to shard
 ``i % n``; shards write disjoint prompt folders of one OUT, so they merge by construction. Sample j of
-prompt i always gets seed ``seed + 1000 * i + j``, whatever the shard, resume or run order.
-Scoring reuses :mod:`clvr_agent.geneval`, the one implementation of the official rules.
+prompt i always gets seed ``prompt_seed(seed, i, j)`` (:mod:`clvr_agent.eval.sampling`), whatever the
+shard, resume or run order; samplers are that module's ``single_step`` and ``loop``.
+Scoring reuses :mod:`clvr_agent.eval.rules`, the one implementation of the official rules.
 """
 
 from __future__ import annotations
@@ -24,15 +25,14 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from PIL import Image, ImageOps
 
-from clvr_agent.geneval import ColorFn, Detection, evaluate_image, load_official_metadata, select_detections, summarize
+from clvr_agent.eval.sampling import Sampler, prompt_seed
+from clvr_agent.eval.rules import ColorFn, Detection, evaluate_image, load_official_metadata, select_detections, summarize
 
-# sample(prompt, seed, work_dir) -> image; work_dir holds whatever the sampler keeps besides the image.
-Sampler = Callable[[str, int, Path], Image.Image]
 Detector = Callable[[Image.Image], list[Detection]]
 # colors_for(image) -> classify_color for that image (CLIP on masked crops); None when detections carry colour.
 ColorsFor = Callable[[Image.Image], ColorFn]
 
-MAX_SAMPLES = 1000  # the seed formula gives each prompt 1000 seeds
+MAX_SAMPLES = 1000
 
 
 def prompt_dir(out: Path, index: int) -> Path:
@@ -41,10 +41,6 @@ def prompt_dir(out: Path, index: int) -> Path:
 
 def sample_path(out: Path, index: int, j: int) -> Path:
     return prompt_dir(out, index) / "samples" / f"{j:04d}.png"
-
-
-def sample_seed(seed: int, index: int, j: int) -> int:
-    return seed + 1000 * index + j
 
 
 def shard_indices(n_prompts: int, limit: Optional[int] = None, shard: tuple[int, int] = (0, 1)) -> list[int]:
@@ -56,16 +52,6 @@ def shard_indices(n_prompts: int, limit: Optional[int] = None, shard: tuple[int,
         raise ValueError(f"limit must be at least 1, got {limit}")
     count = n_prompts if limit is None else min(limit, n_prompts)
     return [i for i in range(count) if i % n == k]
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"K/N"`` → (K, N), checked."""
-    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
-    if not match:
-        raise ValueError(f"shard {text!r}: expected K/N, e.g. 0/4")
-    k, n = int(match[1]), int(match[2])
-    shard_indices(1, shard=(k, n))
-    return k, n
 
 
 def _write_metadata(folder: Path, metadata: dict) -> None:
@@ -110,7 +96,9 @@ def generate_geneval(
                 skipped += 1
                 continue
             sampler = sampler or make_sampler()
-            image = sampler(metadata[index]["prompt"], sample_seed(seed, index, j), folder / "work" / f"{j:04d}")
+            image = sampler(metadata[index]["prompt"], prompt_seed(seed, index, j)).image
+            if image is None:
+                raise RuntimeError(f"prompt {index} sample {j}: the loop produced no image")
             tmp = folder / f".{j:04d}.partial"  # outside samples/: no scorer ever globs it
             image.save(tmp, format="PNG")
             os.replace(tmp, path)
@@ -118,33 +106,6 @@ def generate_geneval(
             if on_sample is not None:
                 on_sample(index, j)
     return {"prompts": len(indices), "generated": generated, "skipped": skipped}
-
-
-def single_step_sampler(executor, **request_options) -> Sampler:
-    """One executor call per sample: the prompt alone, no references (``steps``, ``height``, … optional)."""
-    from clvr_agent.types import ExecutorRequest
-
-    def sample(prompt: str, seed: int, work_dir: Path) -> Image.Image:
-        request = ExecutorRequest(mode="generate", instruction=prompt, accumulated_prompt=prompt, seed=seed,
-                                  **request_options)
-        return executor.generate(request, []).image
-
-    return sample
-
-
-def loop_sampler(backend, **clvr_options) -> Sampler:
-    """The CLVR loop per sample (``create_clvr``); its canvases go to the sample's work folder."""
-    from clvr_agent.api import create_clvr
-
-    def sample(prompt: str, seed: int, work_dir: Path) -> Image.Image:
-        runnable = create_clvr(backend, artifact_dir=str(work_dir), **clvr_options)
-        result = runnable.invoke({"prompt": prompt, "seed": seed})
-        if not result.get("final_image"):
-            raise RuntimeError(f"the loop produced no image for {prompt!r} (status {result.get('status')})")
-        with Image.open(result["final_image"]) as im:
-            return im.convert("RGB")
-
-    return sample
 
 
 def iter_samples(images_dir: Path) -> Iterator[tuple[dict, str]]:
@@ -161,7 +122,7 @@ def iter_samples(images_dir: Path) -> Iterator[tuple[dict, str]]:
             yield metadata, os.path.join(folder, "samples", name)
 
 
-def score_geneval(
+def score_folder(
     images_dir: Path, out_dir: Path, detect: Detector, colors_for: Optional[ColorsFor] = None
 ) -> dict:
     """Score a GenEval-layout folder → ``out_dir/results.jsonl`` and ``summary.json``; returns the summary."""

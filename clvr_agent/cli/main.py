@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
-from clvr_agent.cli_common import check_device, controller_options, err, executor_options, fail
+from clvr_agent.cli.common import ModelChoice, err, fail, with_model_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="CLVR: closed-loop verified reasoning for text-to-image.")
@@ -37,23 +37,12 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
 
 
 @app.command()
+@with_model_options
 def generate(
     prompt: str = typer.Argument(..., help="What the image must show."),
     out: Path = typer.Option(Path("clvr-run"), "--out", "-o", help="Run folder."),
-    backend: str = typer.Option("shapeworld", help="Executor: shapeworld (embedded), flux2-klein, clvr-mini."),
-    controller: Optional[str] = typer.Option(None, help="Controller: shapeworld, qwen3-vl, chat-model."),
-    model: Optional[str] = typer.Option(None, help="Executor weights: hub id or local folder."),
-    vlm: Optional[str] = typer.Option(None, help="Qwen3-VL weights: hub id or local folder."),
-    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible server for --controller chat-model."),
-    model_name: Optional[str] = typer.Option(None, help="Model name on that server."),
-    dtype: str = typer.Option("bfloat16", help="torch dtype for real models."),
-    device: str = typer.Option("cuda", help="torch device for real models."),
-    offload: bool = typer.Option(False, help="enable_model_cpu_offload for the executor."),
-    height: Optional[int] = typer.Option(None), width: Optional[int] = typer.Option(None),
-    steps: Optional[int] = typer.Option(None, help="Denoising steps (default from the checkpoint)."),
-    guidance: Optional[float] = typer.Option(None, help="Guidance scale (default from the checkpoint)."),
     max_iterations: int = typer.Option(8, help="Loop budget."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Run seed: the same prompt and seed draw the same images."),
     reference_window: int = typer.Option(3, help="Recent canvases the executor sees."),
     reference: list[Path] = typer.Option([], "--reference", "-r", help="Starting image(s) to edit instead of drawing afresh."),
     executor_option: list[str] = typer.Option(
@@ -65,6 +54,8 @@ def generate(
     overwrite: bool = typer.Option(False, help="Replace the clvr run in --out (any other folder is refused)."),
     interactive: bool = typer.Option(False, help="Approve the plan, and the stop, at the terminal."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    *,
+    models: ModelChoice,
 ) -> None:
     """Run the closed loop on PROMPT and write final.png, trajectory.json and trace.html to --out.
 
@@ -72,7 +63,7 @@ def generate(
     from clvr_agent.state import ClvrInput, Settings, input_error, validate_prompt
 
     settings = dict(max_iterations=max_iterations, seed=seed, reference_window=reference_window,
-                    steps=steps, guidance=guidance, height=height, width=width, interactive=interactive)
+                    interactive=interactive, **models.request)
     try:
         cfg = Settings(**settings)
         prompt = validate_prompt(prompt, cfg.max_prompt_chars)
@@ -82,20 +73,9 @@ def generate(
         fail(input_error(exc))
     except ValueError as exc:
         fail(str(exc).splitlines()[0])
-    from clvr_agent.tools.registry import controller_names, executor_names
-
-    if backend not in executor_names():
-        fail(f"unknown backend {backend!r}; known: {', '.join(executor_names())}")
-    if controller is not None and controller not in controller_names():
-        fail(f"unknown controller {controller!r}; known: {', '.join(controller_names())}")
-    ex_opts = executor_options(backend, model, dtype, device, offload)  # its own one-line errors first
-    device, dtype = check_device(backend, device, dtype)
-    if ex_opts:  # a real model: on the device check_device settled on
-        ex_opts.update(device=device, torch_dtype=dtype)
-    ex_opts.update(_key_values(executor_option))
-    ctl_opts = controller_options(controller, vlm, base_url, model_name, dtype, device)
-    _run_loop(out, backend, controller, ex_opts, ctl_opts, settings, inputs, checkpointer, resume, overwrite,
-              interactive, as_json)
+    ex_opts = {**models.executor_options, **_key_values(executor_option)}
+    _run_loop(out, models.backend, models.controller, ex_opts, models.controller_options, settings, inputs,
+              checkpointer, resume, overwrite, interactive, as_json)
 
 
 def _key_values(items: list[str]) -> dict:
@@ -113,13 +93,13 @@ def _key_values(items: list[str]) -> dict:
 
 def _run_loop(out, backend, controller, ex_opts, ctl_opts, settings, inputs, checkpointer, resume, overwrite,
               interactive, as_json):
-    from clvr_agent.api import build_context, create_clvr
-    from clvr_agent.runs import (
+    from clvr_agent.app.api import build_context, create_clvr
+    from clvr_agent.app.runs import (
         RunFolderError, checkpointer_kind, describe_os_error, final_state, locked, open_checkpointer,
         prepare_out_dir, stream_run,
     )
     from clvr_agent.store import ArtifactStore
-    from clvr_agent.tools.registry import MissingDependencyError, UnknownBackendError
+    from clvr_agent.errors import MissingDependencyError, UnknownBackendError
 
     try:  # models first: a backend that cannot load leaves --out as empty as it found it
         ctx = build_context(backend, controller=controller, executor_options=ex_opts, controller_options=ctl_opts,
@@ -207,7 +187,7 @@ def _ask(value: dict):
 @app.command()
 def trace(run_dir: Path = typer.Argument(..., help="A run folder written by `clvr generate`.")) -> None:
     """Re-render RUN_DIR/trace.html and print a short summary."""
-    from clvr_agent.trace import render_trace, summary_text
+    from clvr_agent.app.trace import render_trace, summary_text
     from clvr_agent.types import Trajectory
 
     path = run_dir / "trajectory.json"
@@ -257,7 +237,8 @@ def merge(
 
 def _mount_subcommands() -> None:
     """Sub-apps live beside their code: eval/probe, bench, train, synth, mcp."""
-    from clvr_agent import cli_bench, cli_data, cli_eval, cli_train, mcp_server
+    from clvr_agent.cli import bench as cli_bench, data as cli_data, eval as cli_eval, mcp as cli_mcp
+    from clvr_agent.cli import train as cli_train
 
     app.add_typer(cli_eval.eval_app, name="eval")
     app.add_typer(cli_bench.bench_app, name="bench")
@@ -265,7 +246,7 @@ def _mount_subcommands() -> None:
     cli_eval.register(app)
     cli_data.register(app)
     cli_data.register_train(cli_train.train_app)
-    mcp_server.register(app)
+    cli_mcp.register(app)
 
 
 _mount_subcommands()
@@ -274,6 +255,3 @@ _mount_subcommands()
 def main() -> None:
     app()
 
-
-if __name__ == "__main__":
-    main()

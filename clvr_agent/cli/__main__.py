@@ -1,0 +1,3 @@
+from clvr_agent.cli.main import main
+
+main()
