@@ -27,6 +27,7 @@ class SFTVLMConfig(TrainConfig):
     image_size: int = field(default=512, metadata={"help": "Longer side of each canvas before the processor (the controller's image_size)."})
     history_token_budget: int = field(default=2048, metadata={"help": "The controller's history_token_budget for the 'Steps so far' text."})
     history_images: int = field(default=2, metadata={"help": "The controller's history_images (used by dialogue='calls')."})
+    share_prefix: bool = field(default=True, metadata={"help": "Run the system text the conversations of a micro-batch share once (same loss and gradients; micro-batches are grouped by system text). Single process only."})
     max_length: int = field(default=32768, metadata={"help": "Longest conversation in tokens; a longer one is an error, never cut."})
 
     def __post_init__(self):
