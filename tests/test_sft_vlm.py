@@ -297,7 +297,7 @@ def test_shared_prefix_gives_the_plain_loss_and_gradients(data_dir, tmp_path):
     trainer = SFTVLMTrainer(model, processor, cfg, dataset)
     convs = [dataset[i] for i in range(len(dataset))]
     assert len(convs) == 12
-    batches = trainer.micro_batches(convs)
+    batches = trainer.micro_batches(range(len(dataset)))
     assert len(batches) == 4  # plan, check, verify, correct: one system text each
     shared = 0
     for batch in batches:
@@ -334,3 +334,32 @@ def test_training_with_a_shared_prefix_matches_the_plain_run(data_dir, tmp_path)
     plain, fast = run(False, tmp_path / "a"), run(True, tmp_path / "b")
     assert fast == pytest.approx(plain, rel=1e-4)
     assert plain[2] != pytest.approx(plain[0], rel=1e-3)
+
+
+def test_encodings_are_kept_between_epochs_and_equal_fresh_ones(data_dir, tmp_path):
+    dataset = TrajectoryDialogueDataset.from_trajectories(load_trajectories(data_dir), dialogue="calls", image_size=64)
+    model, processor = build_tiny_qwen3_vl(seed=0)
+    cfg = SFTVLMConfig(output_dir=str(tmp_path / "out"), max_steps=1, batch_size=12, log_every=0)
+    trainer = SFTVLMTrainer(model, processor, cfg, dataset)
+    calls = []
+    encode = trainer.collator.encode
+    trainer.collator.encode = lambda conv: calls.append(1) or encode(conv)
+    first = trainer.micro_batches(range(12))
+    assert len(calls) == 12
+    again = trainer.micro_batches(range(12))
+    assert len(calls) == 12  # the second epoch renders and tokenizes nothing
+    for a, b in zip(first, again):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fresh = AssistantOnlyCollator(processor, image_size=64)
+    plain = [fresh([dataset[i]]) for i in range(12)]
+    rows = sorted(tuple(r[m == 1].tolist()) for b in again for r, m in zip(b["input_ids"], b["attention_mask"]))
+    assert rows == sorted(tuple(p["input_ids"][0].tolist()) for p in plain)
+    pixels = torch.cat([b["pixel_values"] for b in again if "pixel_values" in b])
+    assert pixels.shape == torch.cat([p["pixel_values"] for p in plain if "pixel_values" in p]).shape
+    # a budget of 0 keeps nothing
+    off = SFTVLMTrainer(*build_tiny_qwen3_vl(seed=0), SFTVLMConfig(output_dir=str(tmp_path / "o2"), max_steps=1,
+                                                                   batch_size=12, log_every=0, encode_cache_mb=0), dataset)
+    off.micro_batches(range(12))
+    assert not off._encoded
+    with pytest.raises(ValueError, match="encode_cache_mb"):
+        SFTVLMConfig(encode_cache_mb=-1)

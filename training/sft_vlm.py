@@ -347,9 +347,12 @@ class AssistantOnlyCollator:
         return enc
 
     def __call__(self, conversations: Sequence[list[dict]]) -> dict:
+        return self.collate([self.encode(c) for c in conversations])
+
+    def collate(self, encs: Sequence[dict]) -> dict:
+        """Right-padded batch of :meth:`encode` results."""
         import torch
 
-        encs = [self.encode(c) for c in conversations]
         width = max(len(e["labels"]) for e in encs)
         batch: dict[str, Any] = {}
 
@@ -458,6 +461,8 @@ class SFTVLMTrainer:
                                         ("image_token_id", "video_token_id", "vision_start_token_id")) if i is not None]
         if self._rope is None:
             self.share_prefix = False
+        self._encoded: dict[int, tuple[str, dict]] = {}  # dataset index -> (system key, encoding)
+        self._encoded_bytes = 0
         import inspect
 
         base = core.get_base_model() if hasattr(core, "get_base_model") else core  # under a LoRA wrapper
@@ -524,14 +529,30 @@ class SFTVLMTrainer:
         target = labels[:, prefix + 1:]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
 
-    def micro_batches(self, conversations: Sequence[list[dict]]) -> list[dict]:
+    def encoded(self, i: int) -> tuple[str, dict]:
+        """Conversation ``i`` rendered and tokenized, with its system key; kept in memory (within
+        ``encode_cache_mb``) for the next epoch, since neither the data nor the processor change in a run."""
+        hit = self._encoded.get(i)
+        if hit is not None:
+            return hit
+        conv = self.dataset[i]
+        enc = self.collator.encode(conv)
+        item = (system_key(conv), enc)
+        size = sum(v.numel() * v.element_size() for v in enc.values() if hasattr(v, "numel")) + 8 * len(enc["labels"])
+        if self._encoded_bytes + size <= self.cfg.encode_cache_mb * 2**20:
+            self._encoded[i] = item
+            self._encoded_bytes += size
+        return item
+
+    def micro_batches(self, indices: Sequence[int]) -> list[dict]:
         """One optimizer step's conversations as collated micro-batches of at most batch_size /
         gradient_accumulation_steps rows; with a shared prefix, each micro-batch holds one system text."""
         micro = self.cfg.batch_size // self.cfg.gradient_accumulation_steps
         groups: dict[str, list] = {}
-        for conv in conversations:
-            groups.setdefault(system_key(conv) if self.share_prefix else "", []).append(conv)
-        return [self.collator(g[s:s + micro]) for g in groups.values() for s in range(0, len(g), micro)]
+        for i in indices:
+            key, enc = self.encoded(i)
+            groups.setdefault(key if self.share_prefix else "", []).append(enc)
+        return [self.collator.collate(g[s:s + micro]) for g in groups.values() for s in range(0, len(g), micro)]
 
     def evaluate(self, indices: Sequence[int]) -> float:
         """Token-weighted assistant loss on the given conversations (no gradient)."""
@@ -558,8 +579,7 @@ class SFTVLMTrainer:
         bar = tqdm(range(self.step, cfg.max_steps), initial=self.step, total=cfg.max_steps, desc="sft-vlm",
                    disable=not acc.is_local_main_process)
         for step in bar:
-            convs = [self.dataset[i] for i in self.batch_indices(step)]
-            batches = self.micro_batches(convs)
+            batches = self.micro_batches(self.batch_indices(step))
             n_total = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
             if n_total == 0:
                 raise ValueError(f"step {step}: the batch has no assistant tokens; check the dataset")
