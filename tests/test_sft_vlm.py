@@ -22,6 +22,8 @@ from clvr_agent.training.sft_vlm import (
     TrajectoryDialogueDataset,
     load_trajectories,
     render_dialogues,
+    shared_prefix_length,
+    system_key,
     trajectory_exchanges,
 )
 from clvr_agent.types import (
@@ -269,3 +271,95 @@ def test_cli_sft_vlm_on_synth_output(tmp_path):
     assert bad.exit_code == 2 and "--full" in bad.output
     bad = CliRunner().invoke(app, ["sft-vlm", "--data", str(tmp_path / "nowhere"), "--model", "x/y", "--out", "o"])
     assert bad.exit_code == 2 and "no trajectory data" in bad.output
+
+
+def test_shared_prefix_length_stops_before_labels_and_images():
+    ids = torch.arange(30).repeat(3, 1)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, 20:] = ids[:, 20:]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    assert shared_prefix_length(batch) == 19  # the logit at 19 predicts the first label
+    ids[2, 15] = 99
+    assert shared_prefix_length(batch) == 15
+    assert shared_prefix_length(batch, vision_ids=[9]) == 9
+    assert shared_prefix_length(batch, vision_ids=[5]) == 0  # shorter than min_tokens
+    assert shared_prefix_length({k: v[:1] for k, v in batch.items()}) == 0  # one row: nothing to share
+    ids[1, 3] = 77
+    assert shared_prefix_length(batch) == 0
+
+
+def test_shared_prefix_gives_the_plain_loss_and_gradients(data_dir, tmp_path):
+    """The controller's own conversations (system text with the schema, canvases, history) grouped by system
+    text: the loss and every gradient with the prefix run once equal the plain forward's."""
+    dataset = TrajectoryDialogueDataset.from_trajectories(load_trajectories(data_dir), dialogue="calls", image_size=64)
+    model, processor = build_tiny_qwen3_vl(seed=0)
+    cfg = SFTVLMConfig(output_dir=str(tmp_path / "out"), max_steps=1, batch_size=12, train_vision=True, log_every=0)
+    trainer = SFTVLMTrainer(model, processor, cfg, dataset)
+    convs = [dataset[i] for i in range(len(dataset))]
+    assert len(convs) == 12
+    batches = trainer.micro_batches(range(len(dataset)))
+    assert len(batches) == 4  # plan, check, verify, correct: one system text each
+    shared = 0
+    for batch in batches:
+        systems = {trainer.processor.tokenizer.decode(row).split("<|im_end|>")[0] for row in batch["input_ids"]}
+        assert len(systems) == 1 and {system_key(c) for c in convs} >= {systems.pop().split("system\n", 1)[1]}
+        prefix = shared_prefix_length(batch, trainer._vision_ids)
+        if batch["input_ids"].shape[0] > 1:
+            assert prefix > 200  # the system text at least
+            assert (batch["labels"][:, : prefix + 1] == IGNORE_INDEX).all()
+            shared += 1
+        results = []
+        for share in (False, True):
+            trainer.run.zero_grad()
+            loss, n = trainer.loss(batch, share_prefix=share)
+            loss.backward()
+            results.append((loss.item(), [p.grad.clone() for p in trainer.params if p.grad is not None]))
+        (plain, g_plain), (fast, g_fast) = results
+        assert fast == pytest.approx(plain, rel=1e-5)
+        assert len(g_plain) == len(g_fast)
+        for a, b in zip(g_plain, g_fast):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert shared >= 3
+
+
+def test_training_with_a_shared_prefix_matches_the_plain_run(data_dir, tmp_path):
+    dataset = TrajectoryDialogueDataset.from_trajectories(load_trajectories(data_dir), dialogue="calls", image_size=64)
+
+    def run(share, out):
+        model, processor = build_tiny_qwen3_vl(seed=0)
+        cfg = SFTVLMConfig(output_dir=str(out), max_steps=3, batch_size=6, learning_rate=1e-2, lora_rank=0,
+                           train_vision=True, lr_scheduler="constant", log_every=0, seed=0, share_prefix=share)
+        return [h["loss"] for h in SFTVLMTrainer(model, processor, cfg, dataset).train()]
+
+    plain, fast = run(False, tmp_path / "a"), run(True, tmp_path / "b")
+    assert fast == pytest.approx(plain, rel=1e-4)
+    assert plain[2] != pytest.approx(plain[0], rel=1e-3)
+
+
+def test_encodings_are_kept_between_epochs_and_equal_fresh_ones(data_dir, tmp_path):
+    dataset = TrajectoryDialogueDataset.from_trajectories(load_trajectories(data_dir), dialogue="calls", image_size=64)
+    model, processor = build_tiny_qwen3_vl(seed=0)
+    cfg = SFTVLMConfig(output_dir=str(tmp_path / "out"), max_steps=1, batch_size=12, log_every=0)
+    trainer = SFTVLMTrainer(model, processor, cfg, dataset)
+    calls = []
+    encode = trainer.collator.encode
+    trainer.collator.encode = lambda conv: calls.append(1) or encode(conv)
+    first = trainer.micro_batches(range(12))
+    assert len(calls) == 12
+    again = trainer.micro_batches(range(12))
+    assert len(calls) == 12  # the second epoch renders and tokenizes nothing
+    for a, b in zip(first, again):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fresh = AssistantOnlyCollator(processor, image_size=64)
+    plain = [fresh([dataset[i]]) for i in range(12)]
+    rows = sorted(tuple(r[m == 1].tolist()) for b in again for r, m in zip(b["input_ids"], b["attention_mask"]))
+    assert rows == sorted(tuple(p["input_ids"][0].tolist()) for p in plain)
+    pixels = torch.cat([b["pixel_values"] for b in again if "pixel_values" in b])
+    assert pixels.shape == torch.cat([p["pixel_values"] for p in plain if "pixel_values" in p]).shape
+    # a budget of 0 keeps nothing
+    off = SFTVLMTrainer(*build_tiny_qwen3_vl(seed=0), SFTVLMConfig(output_dir=str(tmp_path / "o2"), max_steps=1,
+                                                                   batch_size=12, log_every=0, encode_cache_mb=0), dataset)
+    off.micro_batches(range(12))
+    assert not off._encoded
+    with pytest.raises(ValueError, match="encode_cache_mb"):
+        SFTVLMConfig(encode_cache_mb=-1)

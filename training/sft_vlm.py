@@ -17,6 +17,12 @@ assistant reply is the JSON record the controller parses (``PlanReply``, ``Passi
 The collator applies the processor's chat template, so images expand to their real token counts where
 they occur, and sets labels to -100 everywhere except each assistant span: from after
 ``<|im_start|>assistant\\n`` through the ``<|im_end|>`` that ends the turn (Qwen's own recipe).
+
+Shared prefix (``share_prefix``, on by default in a single process): every conversation of one task starts
+with the same system text (role, task, JSON schema: ~450 of ~510 tokens of a plan call), so the trainer groups
+each step's conversations by system text into micro-batches and runs the tokens all rows of a micro-batch
+share (before any label and any image) once, as one row whose key/value cache the rows then attend to. The
+loss and the gradients are those of the plain forward (a test compares them); only the repeated work goes.
 """
 
 from __future__ import annotations
@@ -341,9 +347,12 @@ class AssistantOnlyCollator:
         return enc
 
     def __call__(self, conversations: Sequence[list[dict]]) -> dict:
+        return self.collate([self.encode(c) for c in conversations])
+
+    def collate(self, encs: Sequence[dict]) -> dict:
+        """Right-padded batch of :meth:`encode` results."""
         import torch
 
-        encs = [self.encode(c) for c in conversations]
         width = max(len(e["labels"]) for e in encs)
         batch: dict[str, Any] = {}
 
@@ -364,6 +373,41 @@ class AssistantOnlyCollator:
             batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])  # (sum patches, C·T·P·P)
             batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])  # (images, 3)
         return batch
+
+
+# ---------------------------------------------------------------- shared prefix
+
+
+def shared_prefix_length(batch: dict, vision_ids: Sequence[int] = (), min_tokens: int = 8) -> int:
+    """Leading tokens that every row of a collated batch shares and that can be run once: before the first
+    position any row's loss reads (the logit one before the first label), before any vision token, and at
+    least ``min_tokens`` long; 0 when there is nothing worth sharing (one row, or rows that differ early)."""
+    import torch
+
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    rows, width = ids.shape
+    if rows < 2:
+        return 0
+    same = ((ids == ids[:1]) & (mask == 1)).all(0)  # (T,)
+    n = int(same.long().cumprod(0).sum())
+    cuts = [width - 1, n]
+    labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+    if len(labelled):
+        cuts.append(int(labelled[0]) - 1)
+    vision = torch.isin(ids, torch.tensor(list(vision_ids), dtype=ids.dtype)).any(0)
+    if "mm_token_type_ids" in batch:
+        vision |= (batch["mm_token_type_ids"] != 0).any(0)
+    if vision.any():
+        cuts.append(int(vision.nonzero()[0]))
+    n = min(cuts)
+    return n if n >= min_tokens else 0
+
+
+def system_key(conversation: list[dict]) -> str:
+    """What groups conversations for a shared prefix: the system turn's text ('' without one)."""
+    first = conversation[0] if conversation else {}
+    content = first.get("content", "") if first.get("role") == "system" else ""
+    return content if isinstance(content, str) else json.dumps(content, default=str)
 
 
 # ---------------------------------------------------------------- config and trainer
@@ -408,6 +452,22 @@ class SFTVLMTrainer:
                                             fingerprint={"learning_rate": config.learning_rate, "lora_rank": config.lora_rank})
         self.step = 0
         self.history: list[dict] = []
+        # One process only: two forwards per micro-batch do not go through DDP's reducer.
+        self.share_prefix = config.share_prefix and self.accelerator.num_processes == 1
+        core = self.accelerator.unwrap_model(self.run)
+        self._rope = next((m for m in core.modules() if hasattr(m, "get_rope_index")), None)
+        cfg_ids = core.config
+        self._vision_ids = [i for i in (getattr(cfg_ids, k, None) for k in
+                                        ("image_token_id", "video_token_id", "vision_start_token_id")) if i is not None]
+        if self._rope is None:
+            self.share_prefix = False
+        self._encoded: dict[int, tuple[str, dict]] = {}  # dataset index -> (system key, encoding)
+        self._encoded_bytes = 0
+        import inspect
+
+        base = core.get_base_model() if hasattr(core, "get_base_model") else core  # under a LoRA wrapper
+        params = inspect.signature(type(base).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def batch_indices(self, step: int) -> list[int]:
         """Conversations of optimizer step ``step`` on this process: a function of the step, so resume is exact."""
@@ -421,12 +481,78 @@ class SFTVLMTrainer:
             out.append(perm[pos])
         return out[rank::world]
 
-    def loss(self, batch: dict) -> tuple["torch.Tensor", int]:
-        """Mean cross-entropy over this micro-batch's assistant tokens, and how many there were."""
+    def loss(self, batch: dict, share_prefix: Optional[bool] = None) -> tuple["torch.Tensor", int]:
+        """Mean cross-entropy over this micro-batch's assistant tokens, and how many there were.
+
+        With a shared prefix (``share_prefix``, default the trainer's setting) the rows' common leading tokens
+        run once; the loss is the same (see :func:`shared_prefix_length`)."""
         batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        n_labels = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        share = self.share_prefix if share_prefix is None else share_prefix
+        prefix = shared_prefix_length(batch, self._vision_ids) if share else 0
         with self.accelerator.autocast():
+            if prefix:
+                return self._prefix_loss(batch, prefix), n_labels
             out = self.run(**batch)
-        return out.loss, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return out.loss, n_labels
+
+    def _positions(self, batch: dict) -> "torch.Tensor":
+        """The position ids the model computes itself for ``batch``: M-RoPE (3, B, T) with images, text (B, T) without."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if "image_grid_thw" in batch and "mm_token_type_ids" in batch:
+            return self._rope.get_rope_index(ids, image_grid_thw=batch["image_grid_thw"], attention_mask=mask,
+                                             mm_token_type_ids=batch["mm_token_type_ids"])[0]
+        import torch
+
+        return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+
+    def _prefix_loss(self, batch: dict, prefix: int) -> "torch.Tensor":
+        """The plain forward's loss, with the first ``prefix`` tokens (the same in every row) run once."""
+        import torch.nn.functional as F
+
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        rows = ids.shape[0]
+        pos = self._positions(batch)
+        head = pos[..., :1, :prefix]
+        pre = self.run(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], position_ids=head,
+                       use_cache=True, logits_to_keep=1)
+        cache = getattr(pre, self._cache_kw)
+        for layer in cache.layers:  # every row attends to the one prefix (gradients sum over the rows)
+            layer.keys = layer.keys.expand(rows, -1, -1, -1)
+            layer.values = layer.values.expand(rows, -1, -1, -1)
+        rest = {k: v for k, v in batch.items() if k in ("pixel_values", "image_grid_thw")}
+        if "mm_token_type_ids" in batch:
+            rest["mm_token_type_ids"] = batch["mm_token_type_ids"][:, prefix:]
+        out = self.run(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=pos[..., prefix:],
+                       use_cache=True, **{self._cache_kw: cache}, **rest)
+        logits = out.logits[:, :-1].float()
+        target = labels[:, prefix + 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
+
+    def encoded(self, i: int) -> tuple[str, dict]:
+        """Conversation ``i`` rendered and tokenized, with its system key; kept in memory (within
+        ``encode_cache_mb``) for the next epoch, since neither the data nor the processor change in a run."""
+        hit = self._encoded.get(i)
+        if hit is not None:
+            return hit
+        conv = self.dataset[i]
+        enc = self.collator.encode(conv)
+        item = (system_key(conv), enc)
+        size = sum(v.numel() * v.element_size() for v in enc.values() if hasattr(v, "numel")) + 8 * len(enc["labels"])
+        if self._encoded_bytes + size <= self.cfg.encode_cache_mb * 2**20:
+            self._encoded[i] = item
+            self._encoded_bytes += size
+        return item
+
+    def micro_batches(self, indices: Sequence[int]) -> list[dict]:
+        """One optimizer step's conversations as collated micro-batches of at most batch_size /
+        gradient_accumulation_steps rows; with a shared prefix, each micro-batch holds one system text."""
+        micro = self.cfg.batch_size // self.cfg.gradient_accumulation_steps
+        groups: dict[str, list] = {}
+        for i in indices:
+            key, enc = self.encoded(i)
+            groups.setdefault(key if self.share_prefix else "", []).append(enc)
+        return [self.collator.collate(g[s:s + micro]) for g in groups.values() for s in range(0, len(g), micro)]
 
     def evaluate(self, indices: Sequence[int]) -> float:
         """Token-weighted assistant loss on the given conversations (no gradient)."""
@@ -449,13 +575,11 @@ class SFTVLMTrainer:
             raise ValueError(f"--resume: no checkpoint under {out / 'checkpoints'}; drop --resume to start fresh")
         if ckpt is not None:
             self.step = self.checkpointer.load(ckpt)
-        micro = cfg.batch_size // cfg.gradient_accumulation_steps
         self.run.train()
         bar = tqdm(range(self.step, cfg.max_steps), initial=self.step, total=cfg.max_steps, desc="sft-vlm",
                    disable=not acc.is_local_main_process)
         for step in bar:
-            convs = [self.dataset[i] for i in self.batch_indices(step)]
-            batches = [self.collator(convs[s:s + micro]) for s in range(0, len(convs), micro)]
+            batches = self.micro_batches(self.batch_indices(step))
             n_total = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
             if n_total == 0:
                 raise ValueError(f"step {step}: the batch has no assistant tokens; check the dataset")

@@ -27,6 +27,8 @@ class SFTVLMConfig(TrainConfig):
     image_size: int = field(default=512, metadata={"help": "Longer side of each canvas before the processor (the controller's image_size)."})
     history_token_budget: int = field(default=2048, metadata={"help": "The controller's history_token_budget for the 'Steps so far' text."})
     history_images: int = field(default=2, metadata={"help": "The controller's history_images (used by dialogue='calls')."})
+    share_prefix: bool = field(default=True, metadata={"help": "Run the system text the conversations of a micro-batch share once (same loss and gradients; micro-batches are grouped by system text). Single process only."})
+    encode_cache_mb: int = field(default=2048, metadata={"help": "Memory for tokenized conversations kept from one epoch to the next (the rest are rendered again); 0 = off."})
     max_length: int = field(default=32768, metadata={"help": "Longest conversation in tokens; a longer one is an error, never cut."})
 
     def __post_init__(self):
@@ -40,5 +42,7 @@ class SFTVLMConfig(TrainConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}")
+        if self.encode_cache_mb < 0:
+            raise ValueError(f"encode_cache_mb must be >= 0 (0 turns the cache off), got {self.encode_cache_mb}")
         if self.max_length < 16:
             raise ValueError(f"max_length must be at least 16 tokens, got {self.max_length}")

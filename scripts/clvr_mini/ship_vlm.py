@@ -44,8 +44,10 @@ def export(init: Path, ckpt: Path, out: Path, note: str = "") -> dict:
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     shutil.copyfile(init / CONTROLLER_SETTINGS, out / CONTROLLER_SETTINGS)
-    info = {"checkpoint": ckpt.name, "step": int(ckpt.name.rsplit("-", 1)[1]), "init": json.loads((init / "clvr_mini_vlm_init.json").read_text()),
-            "note": note}
+    # an init_vlm.py folder says how it was built; a shipped folder (same sizes and vocabulary) says what it was
+    made = next((f for f in (init / "clvr_mini_vlm_init.json", init / "clvr_mini_vlm.json") if f.is_file()), None)
+    info = {"checkpoint": ckpt.name, "step": int(ckpt.name.rsplit("-", 1)[1]),
+            "init": json.loads(made.read_text()) if made else {"folder": str(init)}, "note": note}
     (out / "clvr_mini_vlm.json").write_text(json.dumps(info, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     if size > MAX_MB:

@@ -1,0 +1,66 @@
+"""The clvr-mini-vlm recipe scripts: the harsher data engine and the checkpoint export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "clvr_mini"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_synth_harsh_records_more_failures_than_the_default_executor(tmp_path):
+    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
+    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
+    from clvr_agent.training.synth import SynthConfig, synthesize
+
+    res = _run(str(SCRIPTS / "synth_harsh.py"), str(tmp_path / "harsh"), "--n", "16", "--seed", "3",
+               "--eps", "0.2", "--edit-success", "0.5")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "harsh" / "harsh_executor.json").read_text())["eps_per_constraint"] == 0.2
+    synthesize(SynthConfig(out=str(tmp_path / "plain"), n=16, seed=3, record_calls=True, progress=False),
+               ShapeWorldExecutor(), ShapeWorldController())
+
+    def unmet(folder: Path) -> float:
+        verdicts = [c for f in folder.glob("calls-*.jsonl") for line in f.read_text().splitlines()
+                    if (r := json.loads(line))["task"] == "verify" for c in json.loads(r["reply"])["constraints"]]
+        return sum(not c["satisfied"] for c in verdicts) / len(verdicts)
+
+    assert unmet(tmp_path / "harsh") > unmet(tmp_path / "plain")
+    bad = _run(str(SCRIPTS / "synth_harsh.py"), str(tmp_path / "bad"), "--eps", "1.5")
+    assert bad.returncode != 0 and "eps_per_constraint" in bad.stderr
+
+
+def test_ship_vlm_exports_a_checkpoint_onto_a_shipped_folder(tmp_path):
+    """A shipped folder (no init_vlm.py record) is a valid init: same sizes and vocabulary."""
+    import torch
+    from safetensors.torch import save_file
+
+    from clvr_agent.tools.tiny_vlm import build_tiny_qwen3_vl
+
+    model, processor = build_tiny_qwen3_vl(seed=0)
+    init = tmp_path / "shipped"
+    model.save_pretrained(init, safe_serialization=True)
+    processor.save_pretrained(init)
+    (init / "clvr_controller.json").write_text(json.dumps({"image_size": 64}))
+    (init / "clvr_mini_vlm.json").write_text(json.dumps({"step": 7}))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000012"
+    ckpt.mkdir(parents=True)
+    trained = {n: p.detach() + 0.5 for n, p in model.named_parameters()}
+    save_file({n: t.contiguous() for n, t in trained.items()}, str(ckpt / "model.safetensors"))
+    res = _run(str(SCRIPTS / "ship_vlm.py"), str(init), str(ckpt), str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr
+    info = json.loads((tmp_path / "out" / "clvr_mini_vlm.json").read_text())
+    assert info["step"] == 12 and info["init"] == {"step": 7}
+    from clvr_agent.tools.qwen3_vl import load_qwen3_vl
+
+    out, _ = load_qwen3_vl(str(tmp_path / "out"), torch_dtype="float32", device="cpu")
+    for n, p in out.named_parameters():
+        assert torch.equal(p, trained[n]), n
