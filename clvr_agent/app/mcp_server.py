@@ -17,7 +17,6 @@ import base64
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 from clvr_agent.app.agent_tool import RunSummary, final_png, run_summary, summarize_result

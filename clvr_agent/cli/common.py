@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
 import typer
@@ -103,10 +102,11 @@ _MODEL_FLAGS = {
 }
 
 
-def model_choice(backend: str, controller: Optional[str], model: Optional[str], vlm: Optional[str],
-                 base_url: Optional[str], model_name: Optional[str], dtype: str, device: str, offload: bool,
-                 height: Optional[int], width: Optional[int], steps: Optional[int],
-                 guidance: Optional[float]) -> ModelChoice:
+def model_choice(backend: str, controller: Optional[str] = None, model: Optional[str] = None,
+                 vlm: Optional[str] = None, base_url: Optional[str] = None, model_name: Optional[str] = None,
+                 dtype: str = "auto", device: str = "auto", offload: bool = False, height: Optional[int] = None,
+                 width: Optional[int] = None, steps: Optional[int] = None,
+                 guidance: Optional[float] = None) -> ModelChoice:
     """Check the shared flags together; a real model's ``auto`` device and dtype are settled here, once."""
     from clvr_agent.tools.registry import controller_names, executor_names
 
@@ -159,9 +159,3 @@ def with_model_options(fn: Callable) -> Callable:
     command.__signature__ = sig.replace(parameters=params, return_annotation=None)
     command.__annotations__ = {p.name: p.annotation for p in params}
     return command
-
-
-def existing_folder(path: Path, flag: str) -> Path:
-    if not path.is_dir():
-        fail(f"{flag} {path} is not a folder")
-    return path

@@ -37,7 +37,7 @@ def synth(
     from clvr_agent.tools.registry import get_controller, get_executor
     from clvr_agent.training.synth import SynthConfig, merge_shards, synthesize
 
-    models = model_choice(backend, controller, model, vlm, None, None, dtype, device, False, None, None, None, None)
+    models = model_choice(backend=backend, controller=controller, model=model, vlm=vlm, dtype=dtype, device=device)
     try:
         config = SynthConfig(out=str(out), n=n, seed=seed, prompts=prompts, max_tier=max_tier,
                              shard=parse_shard(shard), max_iterations=max_iterations, progress=progress,

@@ -82,8 +82,8 @@ def eval_controller_cmd(
         fail(f"--calls-n {calls_n} is more than --n {n}")
     _out_ok(out, overwrite)
     try:
-        models = model_choice(backend, controller, None, vlm, base_url, model_name, dtype, device, False,
-                              None, None, None, None)
+        models = model_choice(backend=backend, controller=controller, vlm=vlm, base_url=base_url,
+                              model_name=model_name, dtype=dtype, device=device)
         ctl = get_controller(controller, **models.controller_options)
         summary = eval_controller(ctl, vlm or controller, n=n, calls_n=calls_n, seed=seed, out_dir=out,
                                   backend=backend, max_iterations=max_iterations)

@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from clvr_agent.eval.rules import TAGS, evaluate_image
+from clvr_agent.eval.rules import TAGS
 from clvr_agent.errors import ControllerOutputError
 from clvr_agent.tools.conversation import ControllerCall
 from clvr_agent.types import Correction, ExecutorRequest, PassiveCheck, Plan, Verdict

@@ -123,7 +123,7 @@ def iter_samples(images_dir: Path) -> Iterator[tuple[dict, str]]:
 
 
 def score_folder(
-    images_dir: Path, out_dir: Path, detect: Detector, colors_for: Optional[ColorsFor] = None
+    images_dir: Path, out_dir: Path, detect: Detector, colors_for: Optional[ColorsFor] = None, **about
 ) -> dict:
     """Score a GenEval-layout folder → ``out_dir/results.jsonl`` and ``summary.json``; returns the summary."""
     results = []
@@ -148,7 +148,7 @@ def score_folder(
             fp.write(json.dumps(r) + "\n")
     summary = summarize(results)
     folders = {os.path.dirname(os.path.dirname(r["filename"])) for r in results}
-    summary.update(images=len(results), prompts=len(folders))
+    summary.update(images=len(results), prompts=len(folders), **about)  # ``about``: e.g. detector="shapeworld"
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

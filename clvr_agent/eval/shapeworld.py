@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal, Optional
 
 import numpy as np
-from PIL import Image
 
 from clvr_agent.eval.rules import TAGS, evaluate_image, summarize
 from clvr_agent.eval.sampling import Sampler, loop, prompt_seed, single_step
@@ -116,10 +115,7 @@ def score_folder(images_dir: str, out_dir: str, detector: str = "shapeworld") ->
     """Score a GenEval-layout folder with the ShapeWorld detector (:func:`clvr_agent.eval.geneval.score_folder`)."""
     from clvr_agent.eval.geneval import score_folder as score
 
-    summary = score(Path(images_dir), Path(out_dir), _detector(detector))
-    summary["detector"] = detector
-    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return score(Path(images_dir), Path(out_dir), _detector(detector), detector=detector)
 
 
 def probe(
