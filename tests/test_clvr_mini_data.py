@@ -11,18 +11,44 @@ from clvr_agent.tools.shapeworld.detect import detect
 from clvr_agent.training.clvr_mini_data import DataConfig, write_dataset
 
 
-def test_pairs_and_edit_triplets(tmp_path):
-    path = write_dataset(tmp_path, DataConfig(pairs=6, edits=2, size=64, tier_fraction=0.0, seed=3))
+def test_pairs_and_edit_examples(tmp_path):
+    path = write_dataset(tmp_path, DataConfig(pairs=6, edits=3, size=64, tier_fraction=0.0, seed=3))
     recs = [json.loads(ln) for ln in path.read_text().splitlines()]
     pairs, edits = recs[:6], recs[6:]
-    assert len(edits) == 2 and all(r["tag"] == "edit" for r in edits)
+    assert len(edits) == 3 and all(r["tag"] == "edit" for r in edits)
     for r in pairs:
         assert r["references"] == [] and "\n" not in r["prompt"]
         with Image.open(tmp_path / r["target"]) as im:
             assert im.size == (64, 64)
-    for r in edits:  # accumulated prompt = original prompt, then the repair instruction; the wrong canvas is the reference
-        assert len(r["prompt"].split("\n")) == 2 and len(r["references"]) == 1
-        assert (tmp_path / r["references"][0]).is_file() and (tmp_path / r["target"]).is_file()
+    for r in edits:  # the graph's accumulated prompt: the prompt, a redraw if the loop asked one first, the edit
+        lines = r["prompt"].split("\n")
+        assert lines[-1] == r["instruction"] and 1 <= len(r["references"]) == len(lines) - 1 <= 2
+        assert len(lines) == 2 or lines[1] == f"redraw: {lines[0]}"
+        assert r["ops"] and set(r["ops"]) <= {"add", "remove", "recolor", "move"}
+        assert all((tmp_path / p).is_file() for p in r["references"] + [r["target"]])
+
+
+def test_edit_targets_change_only_what_the_instruction_names():
+    """Untouched objects keep their shading and the background its noise: outside the boxes of the
+    objects the edit removed, moved or added (+2 px: the renderer's 1 px anti-aliasing patch and the
+    box's rounding) the target is the reference, pixel for pixel; and the passive check passes it."""
+    import numpy as np
+
+    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
+    from clvr_agent.training.clvr_mini_data import edit_example
+
+    rng, controller, cfg = np.random.default_rng(7), ShapeWorldController(), DataConfig(pairs=0, edits=1, edit_error=0.1)
+    examples = [e for e in (edit_example(rng, cfg, controller) for _ in range(60)) if e is not None]
+    assert len(examples) >= 15 and {"add", "recolor"} <= {k for e in examples for k in e.ops}
+    for e in examples:
+        a = np.asarray(e.references[-1], dtype=int)
+        b = np.asarray(e.target, dtype=int)
+        inside = np.zeros(a.shape[:2], dtype=bool)
+        for x0, y0, x1, y1 in e.changed:
+            inside[max(int(y0) - 2, 0):int(np.ceil(y1)) + 2, max(int(x0) - 2, 0):int(np.ceil(x1)) + 2] = True
+        differs = np.abs(a - b).max(axis=-1) > 0
+        assert differs.any() and not (differs & ~inside).any(), e.instruction
+        assert controller.check_step(e.instruction, e.references[-1], e.target).executed
 
 
 def test_tags_restrict_the_prompts_and_the_canvases_satisfy_them(tmp_path):

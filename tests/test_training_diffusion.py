@@ -131,8 +131,8 @@ def test_latent_bn_stats_describe_the_latents():
 
 
 def test_trajectory_records_become_triplets(tmp_path):
-    from clvr_agent.training.sft_diffusion import SFTDiffusionDataset
-    from clvr_agent.types import ExecutorRequest, ImageRef, PassiveCheck, Step, Trajectory
+    from clvr_agent.training.sft_diffusion import SFTDiffusionDataset, SFTDiffusionTrainer
+    from clvr_agent.types import ExecutorRequest, ImageRef, PassiveCheck, Region, Step, Trajectory
 
     ref = lambda name: ImageRef(path=name, sha256="0" * 64, width=16, height=16, size_bytes=1)  # noqa: E731
     steps = [
@@ -143,12 +143,24 @@ def test_trajectory_records_become_triplets(tmp_path):
              passive=PassiveCheck(executed=False)),  # did not execute: dropped
         Step(index=2, iteration=2, instruction="fix", request=ExecutorRequest(mode="edit", instruction="fix",
              accumulated_prompt="a red circle. fix", references=[ref("c0.png")], seed=0), canvas=ref("c2.png")),
+        # a region draw: the region drawn alone from its own prompt, pasted -> a text-to-image example of the region
+        Step(index=3, iteration=3, instruction="add a blue square", request=ExecutorRequest(
+             mode="inpaint", instruction="add a blue square", accumulated_prompt="a red circle. fix\nadd a blue square",
+             references=[ref("c2.png")], seed=0, region=Region(x0=8, y0=0, x1=16, y1=8),
+             region_prompt="a photo of a blue square"), canvas=ref("c3.png")),
     ]
     path = tmp_path / "traj.jsonl"
     path.write_text(Trajectory(prompt="a red circle", seed=0, steps=steps).model_dump_json() + "\n")
     ds = SFTDiffusionDataset.from_jsonl(path)
-    assert [(e.prompt, [p.rsplit("/", 1)[1] for p in e.references], e.target.rsplit("/", 1)[1]) for e in ds.examples] == [
-        ("a red circle", [], "c0.png"), ("a red circle. fix", ["c0.png"], "c2.png")]
+    assert [(e.prompt, [p.rsplit("/", 1)[1] for p in e.references], e.target.rsplit("/", 1)[1], e.crop) for e in ds.examples] == [
+        ("a red circle", [], "c0.png", None), ("a red circle. fix", ["c0.png"], "c2.png", None),
+        ("a photo of a blue square", [], "c3.png", (8, 0, 16, 8))]
+    canvas = Image.new("RGB", (16, 16), (200, 200, 200))
+    canvas.paste((30, 30, 220), (8, 0, 16, 8))
+    canvas.save(tmp_path / "c3.png")
+    trainer = SFTDiffusionTrainer.__new__(SFTDiffusionTrainer)  # only its image reader
+    region = trainer._open(ds.examples[2].target, ds.examples[2].crop)
+    assert region.size == (8, 8) and region.getcolors() == [(64, (30, 30, 220))]
 
 
 def test_sft_trains_transformer_text_encoder_and_vae(tmp_path, sft_data):

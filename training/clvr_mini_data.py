@@ -4,12 +4,12 @@ Two kinds of record, both ``{"prompt", "references": [png], "target": png}``:
 
 * text→image pairs: a prompt from the GenEval-style generator (the six tags) or the tier generator
   (1..``max_tier`` atomic constraints), drawn *correctly* by the ShapeWorld world (no error model);
-* edit triplets: the loop's own step. A canvas drawn with the world's error model (raised so that
-  most canvases are wrong), the ShapeWorld controller's repair instruction for it (the loop's
-  instruction language), and the canvas with that instruction applied exactly. The prompt is the
-  accumulated prompt the graph builds (original prompt, then the instruction, one per line) and the
-  reference is the wrong canvas. A canvas that is already right gets a random valid edit instead, so
-  every triplet teaches "change exactly what the instruction says, keep the rest".
+* edit examples: the loop's own first edit (:func:`edit_example`). Canvases drawn with the world's
+  error model (raised so that most are wrong) and run through the loop's steps until the ShapeWorld
+  controller asks for an edit; the record is the request the graph builds for it (accumulated prompt,
+  the canvases so far as references) and the edited canvas's own scene with the instruction applied:
+  the same objects, shading and background noise wherever the instruction does not act, so "keep the
+  rest" is a pixel copy. A prompt whose canvas is already right asks for no edit and yields none.
 
 Canvases are rendered at ShapeWorld's 256 px (the detector's scale, so the repair instructions are
 the ones the loop would issue) and stored downscaled to ``size`` px.
@@ -25,13 +25,14 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from clvr_agent.eval.rules import COLORS, TAGS, evaluate_image
-from clvr_agent.tools.shapeworld.controller import repair_ops
+from clvr_agent.eval.rules import TAGS, evaluate_image
+from clvr_agent.tools.shapeworld.controller import ShapeWorldController
 from clvr_agent.tools.shapeworld.detect import detect
 from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor, apply_op
-from clvr_agent.tools.shapeworld.language import NP, Op, format_instruction, geneval_line, tier_line
+from clvr_agent.tools.shapeworld.language import geneval_line, parse_instruction, tier_line
 from clvr_agent.tools.shapeworld.render import render
-from clvr_agent.tools.shapeworld.world import CANVAS, CLASSES, MAX_SIZE, MIN_SIZE, RELATIONS, SAME_COLOR_GAP, Obj, Scene, WorldConfig, restyled
+from clvr_agent.tools.shapeworld.world import CANVAS, MAX_SIZE, MIN_SIZE, SAME_COLOR_GAP, Obj, Scene, WorldConfig, restyled
+from clvr_agent.training.loop_edits import first_edit
 
 EXACT = WorldConfig(eps_per_constraint=0.0, edit_success=1.0, edit_disturb=0.0)
 
@@ -95,43 +96,57 @@ def render_objects(objects: list[Obj], rng: np.random.Generator) -> Image.Image:
     return render(scene)
 
 
-def random_edit(objects: list[Obj], rng: np.random.Generator) -> Op:
-    """A valid single edit of a scene: recolour, remove or move an existing object, or add a new one."""
-    kinds = ["add"] + (["recolor", "remove", "move"] if objects else [])
-    kind = str(rng.choice(kinds))
-    if kind == "add":
-        np_ = NP(str(rng.choice(CLASSES)), 1, str(rng.choice(COLORS)))
-        if objects and rng.random() < 0.5:
-            ref = objects[int(rng.integers(len(objects)))]
-            return Op("add", np_, str(rng.choice(RELATIONS)), NP(ref.cls, None, None))
-        return Op("add", np_)
-    obj = objects[int(rng.integers(len(objects)))]
-    target = NP(obj.cls, 1, obj.color)
-    if kind == "recolor":
-        return Op("recolor", target, color=str(rng.choice([c for c in COLORS if c != obj.color])))
-    if kind == "remove":
-        return Op("remove", target)
-    others = [o for o in objects if o.cls != obj.cls]
-    if not others:
-        return Op("remove", target)
-    ref = others[int(rng.integers(len(others)))]
-    return Op("move", NP(obj.cls, None, None), str(rng.choice(RELATIONS)), NP(ref.cls, None, None))
+@dataclass
+class EditExample:
+    """One step of the loop's own editing: what the executor is asked, and the exact answer."""
+
+    prompt: str  # the accumulated prompt the graph builds for the edit
+    references: list[Image.Image]  # the canvases the graph passes, oldest first; the last is the one edited
+    target: Image.Image  # the last reference with the instruction applied and nothing else changed
+    instruction: str  # the ShapeWorld controller's correction, verbatim
+    ops: list[str]  # the op kinds of the instruction (add, remove, recolor, move)
+    changed: list[tuple[float, float, float, float]]  # 256 px boxes of the objects the edit removed, moved or added
 
 
-def edit_triplet(rng: np.random.Generator, cfg: DataConfig) -> Optional[tuple[str, Image.Image, Image.Image]]:
-    """(accumulated prompt, wrong canvas, edited canvas), or None when the edit found no room."""
+def edit_example(rng: np.random.Generator, cfg: DataConfig, controller: ShapeWorldController) -> Optional[EditExample]:
+    """The loop's first edit on a prompt, drawn by the world with ``cfg.edit_error``, answered exactly.
+
+    The loop is run as the graph runs it (:func:`~clvr_agent.training.loop_edits.first_edit`): draw,
+    verify, maybe one redraw, then the controller's edit instruction. The target is the edited canvas's
+    own scene with the instruction applied: every object the instruction does not name keeps its place,
+    shading and drawing order and the background keeps its noise, so the target differs from the
+    reference only inside the boxes of the objects the edit touched (plus the 1 px anti-aliasing
+    fringe of a box). ``None`` when no edit was asked (the draw was right), an op found no room, the
+    op had to move an object it does not name, or the controller's passive check would not pass the target.
+    """
     line = sample_line(rng, cfg.tier_fraction, cfg.max_tier, cfg.tag_list)
-    objects = draw_objects(line, rng, cfg.world(cfg.edit_error))
-    before = render_objects(objects, rng)
-    ops = repair_ops(line, detect(before))
-    if not ops:
-        ops = [random_edit(objects, rng)]
-    edited = list(objects)
+    world = cfg.world(cfg.edit_error)
+    scenes: list[Scene] = []
+
+    def draw(request) -> Image.Image:  # the first draw and a redraw both draw the prompt
+        scenes.append(Scene(draw_objects(line, rng, world), noise_seed=int(rng.integers(2**31))))
+        return render(scenes[-1])
+
+    asked = first_edit(line["prompt"], 0, draw, controller)
+    if asked is None:
+        return None
+    before = scenes[-1]  # the canvas being edited is the last one drawn
+    ops = parse_instruction(asked.correction.instruction)
+    edited = list(before.objects)
     for op in ops:
         if not apply_op(op, edited, rng, cfg.world()):
             return None
-    after = render_objects(edited, rng)
-    return f"{line['prompt']}\n{format_instruction(ops)}", before, after
+    gone = [o for o in before.objects if not any(o is e for e in edited)]
+    new = [e for e in edited if not any(e is o for o in before.objects)]
+    named = [op.target for op in ops if op.kind != "add"]
+    if not all(any(t.matches(o.cls, o.color) for t in named) for o in gone):
+        return None  # "no room beside the references: move them too" moves objects the instruction does not name
+    target = render(Scene(edited, noise_seed=before.noise_seed))
+    refs = asked.references()
+    if not controller.check_step(asked.correction.instruction, refs[-1], target).executed:
+        return None
+    return EditExample(asked.request.accumulated_prompt, refs, target, asked.correction.instruction,
+                       [op.kind for op in ops], [o.box for o in gone + new])
 
 
 def snap_to_slots(objects: list[Obj]) -> Optional[list[Obj]]:
@@ -195,14 +210,15 @@ def write_dataset(out_dir: str | Path, cfg: DataConfig) -> Path:
                 canvas = slotted
         target = save(canvas, f"t{i:06d}.png")
         records.append({"prompt": line["prompt"], "references": [], "target": target, "tag": line["tag"]})
+    controller = ShapeWorldController()
     made = 0
     while made < cfg.edits:
-        trip = edit_triplet(rng, cfg)
-        if trip is None:
+        ex = edit_example(rng, cfg, controller)
+        if ex is None:
             continue
-        prompt, before, after = trip
-        records.append({"prompt": prompt, "references": [save(before, f"e{made:06d}a.png")],
-                        "target": save(after, f"e{made:06d}b.png"), "tag": "edit"})
+        refs = [save(im, f"e{made:06d}r{j}.png") for j, im in enumerate(ex.references)]
+        records.append({"prompt": ex.prompt, "references": refs, "target": save(ex.target, f"e{made:06d}t.png"),
+                        "tag": "edit", "instruction": ex.instruction, "ops": ex.ops})
         made += 1
     path = out / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))

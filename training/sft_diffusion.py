@@ -14,7 +14,7 @@ import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from PIL import Image
@@ -32,6 +32,7 @@ class SFTExample:
     prompt: str
     references: list[str]
     target: str
+    crop: Optional[tuple[int, int, int, int]] = None  # (x0, y0, x1, y1) of the target the example draws; None = all
 
 
 class SFTDiffusionDataset:
@@ -39,6 +40,9 @@ class SFTDiffusionDataset:
 
     A trajectory record (``clvr_agent.types.Trajectory``) yields one example per step that drew a canvas,
     executed (passive check) and was accepted: ``(request.accumulated_prompt, request.references, canvas)``.
+    A region draw (``inpaint`` with a ``region_prompt``) is not an edit: the executor drew the region alone
+    from ``region_prompt`` and pasted it, so it is trained as that text-to-image draw — ``region_prompt``,
+    no references, the region cut from the canvas — never as "accumulated prompt + canvas → pasted canvas".
     Relative image paths resolve against the JSONL's folder.
     """
 
@@ -68,12 +72,18 @@ class SFTDiffusionDataset:
             from clvr_agent.types import Trajectory
 
             traj = Trajectory.model_validate(rec)
-            return [
-                SFTExample(s.request.accumulated_prompt, [res(r.path) for r in s.request.references], res(s.canvas.path))
-                for s in traj.steps
-                if s.canvas is not None and s.accepted and s.error is None and (s.passive is None or s.passive.executed)
-            ]
+            kept = [s for s in traj.steps
+                    if s.canvas is not None and s.accepted and s.error is None and (s.passive is None or s.passive.executed)]
+            return [SFTDiffusionDataset._step_example(s, res) for s in kept]
         return [SFTExample(str(rec["prompt"]), [res(p) for p in rec.get("references", [])], res(rec["target"]))]
+
+    @staticmethod
+    def _step_example(step, res) -> SFTExample:
+        r = step.request
+        if r.mode == "inpaint" and r.region_prompt:
+            box = r.region
+            return SFTExample(r.region_prompt, [], res(step.canvas.path), crop=(box.x0, box.y0, box.x1, box.y1))
+        return SFTExample(r.accumulated_prompt, [res(ref.path) for ref in r.references], res(step.canvas.path))
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -96,9 +106,10 @@ class SFTDiffusionTrainer:
 
     # -- data ---------------------------------------------------------------------------------------
 
-    def _open(self, path: str) -> Image.Image:
+    def _open(self, path: str, crop: Optional[tuple[int, int, int, int]] = None) -> Image.Image:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            im = im.convert("RGB")
+        return im.crop(crop) if crop is not None else im
 
     def batch_keys(self, step: int) -> list[int]:
         """Global positions of this process's examples at optimizer step ``step`` (rank ``r`` takes every N-th).
@@ -129,7 +140,7 @@ class SFTDiffusionTrainer:
     def set_bn_stats_from_data(self) -> None:
         n = min(self.cfg.bn_stats_samples, len(self.dataset))
         batches = (
-            fm.to_pixels(self.pipe, [self._open(self.dataset[i].target) for i in range(s, min(s + 16, n))], self.cfg.height, self.cfg.width)
+            fm.to_pixels(self.pipe, [self._open(self.dataset[i].target, self.dataset[i].crop) for i in range(s, min(s + 16, n))], self.cfg.height, self.cfg.width)
             for s in range(0, n, 16)
         )
         fm.set_latent_bn_stats(self.pipe.vae, *fm.latent_bn_stats(self.pipe, batches))
@@ -150,7 +161,7 @@ class SFTDiffusionTrainer:
         for i, e in enumerate(examples):
             groups.setdefault(min(len(e.references), cfg.max_references), []).append(i)
         for k, idx in sorted(groups.items()):
-            targets = fm.to_pixels(pipe, [self._open(examples[i].target) for i in idx], cfg.height, cfg.width)
+            targets = fm.to_pixels(pipe, [self._open(examples[i].target, examples[i].crop) for i in idx], cfg.height, cfg.width)
             with torch.no_grad():  # targets are data: the VAE learns only from its reconstruction loss
                 raw = fm.raw_latents(pipe, targets)
                 raws.append(raw)
