@@ -172,9 +172,12 @@ def input_error(exc: ValidationError) -> str:
 
 
 class ClvrOutput(TypedDict, total=False):
+    """What a run returns (``invoke``, the LangGraph server, the agent tool)."""
+
     status: Status
     stop_reason: str
-    final_image: Optional[str]
+    final_image: Annotated[Optional[str], Field(description=(
+        "Path of the final image (the trajectory's final_canvas); null when the run drew nothing."))]
     iterations: int
     trajectory: dict
 
@@ -193,7 +196,7 @@ class ClvrState(TypedDict, total=False):
     attempt: int
     status: Status
     stop_reason: str
-    final_image: Optional[str]
+    final_image: Optional[str]  # set by stop_run: the path of the final image (the trajectory's final_canvas)
     trajectory: dict
 
 

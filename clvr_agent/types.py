@@ -12,9 +12,12 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TRAJECTORY_SCHEMA_VERSION = "1.2"  # 1.1 adds model_calls, 1.2 names a fresh drawing "generate"; older records load
+# 1.1 adds model_calls, 1.2 names a fresh drawing "generate", 1.3 renames final_image to final_canvas
+# (the run output's final_image stays: the path of that canvas). Older records load.
+TRAJECTORY_SCHEMA_VERSION = "1.3"
+_OLDER_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2")
 
 Status = Literal["running", "satisfied", "budget_exhausted", "no_progress", "failed"]
 StepMode = Literal["generate", "edit", "inpaint"]
@@ -186,9 +189,25 @@ class Trajectory(_Record):
     steps: list[Step] = Field(default_factory=list)
     status: Status = "running"
     stop_reason: str = ""
-    final_image: Optional[ImageRef] = None
+    final_canvas: Optional[ImageRef] = Field(
+        None, description="The canvas the run returns (the run output's final_image is its path).")
     iterations: int = 0
     model_calls: list[ModelCall] = Field(default_factory=list, description="Every model call of the run, in order.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data):
+        """Schema 1.0-1.2 records call the final canvas ``final_image``; a loaded record is a current one,
+        so writing it back gives a record its version describes."""
+        if not isinstance(data, dict):
+            return data
+        if "final_image" in data:
+            if "final_canvas" in data:
+                raise ValueError("final_image is the pre-1.3 name of final_canvas: give one of them")
+            data = {("final_canvas" if k == "final_image" else k): v for k, v in data.items()}
+        if data.get("schema_version") in _OLDER_SCHEMA_VERSIONS:
+            data = {**data, "schema_version": TRAJECTORY_SCHEMA_VERSION}
+        return data
 
 
 def trajectory_json_schema() -> dict:

@@ -322,7 +322,7 @@ def stop_run(state: ClvrState, runtime: Runtime[ClvrContext]) -> dict:
         prompt=state.get("prompt", ""), seed=state.get("seed", ctx.seed),
         backend=_name(ctx.get_executor), controller=_name(ctx.get_controller),
         plan=state.get("plan"), steps=steps, status=status, stop_reason=reason,
-        final_image=final, iterations=state.get("iterations", 0), model_calls=state.get("model_calls", []),
+        final_canvas=final, iterations=state.get("iterations", 0), model_calls=state.get("model_calls", []),
     )
     runtime.stream_writer({"event": "stop", "status": status, "reason": reason})
     return {"status": status, "stop_reason": reason, "final_image": final.path if final else None,

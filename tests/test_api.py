@@ -57,12 +57,37 @@ def test_import_loads_no_model():
 
 def test_trajectory_schema_is_versioned():
     schema = trajectory_json_schema()
-    assert schema["version"] == "1.2" and "steps" in schema["properties"] and "model_calls" in schema["properties"]
+    assert schema["version"] == "1.3" and "steps" in schema["properties"] and "model_calls" in schema["properties"]
     json.dumps(schema)
     from clvr_agent.types import Trajectory
 
     old = Trajectory.model_validate({"schema_version": "1.0", "prompt": "p", "seed": 0})  # 1.0 records load
     assert old.model_calls == []
+
+
+def test_pre_1_3_trajectory_loads_final_image_into_final_canvas(tmp_path):
+    """Schema 1.3 renamed the trajectory's final_image (an ImageRef) to final_canvas; older records load."""
+    import pytest
+    from pydantic import ValidationError
+
+    from clvr_agent.app.runs import write_outputs
+    from clvr_agent.types import Trajectory
+
+    new = _runnable(tmp_path / "art").invoke({"prompt": "a red circle"})
+    record = new["trajectory"]
+    assert record["final_canvas"]["path"] == new["final_image"] and "final_image" not in record
+    old = {k: v for k, v in record.items() if k != "final_canvas"} | {"schema_version": "1.2",
+                                                                        "final_image": record["final_canvas"]}
+    loaded = Trajectory.model_validate_json(json.dumps(old))
+    assert loaded.final_canvas is not None and loaded.final_canvas.model_dump() == record["final_canvas"]
+    (tmp_path / "run").mkdir()
+    write_outputs(tmp_path / "run", loaded)  # written back: a 1.3 record
+    written = json.loads((tmp_path / "run" / "trajectory.json").read_text())
+    assert written["schema_version"] == "1.3" and "final_image" not in written
+    assert written["final_canvas"] == record["final_canvas"]
+    assert (tmp_path / "run" / "final.png").read_bytes() == open(new["final_image"], "rb").read()
+    with pytest.raises(ValidationError, match="final_image is the pre-1.3 name of final_canvas"):
+        Trajectory.model_validate(old | {"final_canvas": record["final_canvas"]})
 
 
 def test_studio_graph_runs_without_context():

@@ -30,7 +30,7 @@ def test_generate_writes_run_folder(tmp_path):
     for name in ("final.png", "trajectory.json", "trace.html", "checkpoints.sqlite"):
         assert (out / name).is_file(), name
     traj = json.loads((out / "trajectory.json").read_text())
-    assert traj["schema_version"] == "1.2" and traj["prompt"] == PROMPT
+    assert traj["schema_version"] == "1.3" and traj["prompt"] == PROMPT
     # paths are relative to the run folder, so it can move
     assert all(s["canvas"]["path"].startswith("steps/") and (out / s["canvas"]["path"]).is_file() for s in traj["steps"])
     html = (out / "trace.html").read_text()

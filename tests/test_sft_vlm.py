@@ -58,7 +58,7 @@ def make_trajectory(store: ArtifactStore, prompt: str, colors: tuple, seed: int)
               request=ExecutorRequest(mode="edit", instruction="add a square", references=[a],
                                       accumulated_prompt=prompt + "\nadd a square", seed=seed + 1))
     return Trajectory(prompt=prompt, seed=seed, plan=plan, steps=[s0, s1], status="satisfied",
-                      final_image=b, iterations=2)
+                      final_canvas=b, iterations=2)
 
 
 @pytest.fixture(scope="module")

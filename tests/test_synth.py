@@ -75,13 +75,13 @@ def test_default_judge_keeps_only_loop_wins(default_run, backends):
     judge = VerifierJudge(ctl)
     for rec in kept:
         traj = Trajectory.model_validate(rec)  # the loop's own schema, nothing extra
-        final = Image_open(out / traj.final_image.path)
+        final = Image_open(out / traj.final_canvas.path)
         single = single_step_image(executor, traj.prompt, traj.seed, Settings())
         assert judge(traj.prompt, final, single) > 0
         assert traj.iterations >= 2 and traj.status != "failed"
         # passive verification: only executed steps remain, and every image lives under OUT
         assert all(s.accepted and (s.passive is None or s.passive.executed) for s in traj.steps)
-        refs = [traj.final_image] + [s.canvas for s in traj.steps] + [r for s in traj.steps for r in s.request.references]
+        refs = [traj.final_canvas] + [s.canvas for s in traj.steps] + [r for s in traj.steps for r in s.request.references]
         assert all(not Path(r.path).is_absolute() and (out / r.path).is_file() for r in refs)
     done = [json.loads(ln) for ln in (out / "done-00000-of-00001.jsonl").read_text().splitlines()]
     assert len(done) == N and sum(d["kept"] for d in done) == report.kept
@@ -101,7 +101,7 @@ def test_datasets_reads_the_output(default_run):
     out, report = default_run
     ds = load_dataset("json", data_files=str(out / "data-*.jsonl"), split="train")
     assert ds.num_rows == report.kept
-    assert {"prompt", "seed", "plan", "steps", "final_image", "status"} <= set(ds.column_names)
+    assert {"prompt", "seed", "plan", "steps", "final_canvas", "status"} <= set(ds.column_names)
     assert all(len(steps) >= 2 for steps in ds["steps"])
 
 

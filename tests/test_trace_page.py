@@ -26,14 +26,14 @@ def finished() -> Trajectory:
     out = create_clvr("shapeworld", max_iterations=4).invoke(
         {"prompt": "a photo of two red circles left of a blue square", "seed": 3})
     traj = Trajectory.model_validate(out["trajectory"])
-    assert traj.status != "running" and traj.steps and traj.final_image is not None
+    assert traj.status != "running" and traj.steps and traj.final_canvas is not None
     return traj
 
 
 def _running(traj: Trajectory) -> Trajectory:
     """The same run as it looked after its first step."""
     return traj.model_copy(update={"status": "running", "stop_reason": "", "steps": traj.steps[:1],
-                                   "final_image": None})
+                                   "final_canvas": None})
 
 
 def test_running_page_refreshes_and_finished_page_does_not(finished, tmp_path):
@@ -93,8 +93,8 @@ def test_headless_chromium_follows_a_running_page_until_it_finishes(finished, tm
             shutil.copy(s.canvas.path, steps / s.canvas.name)
             s = s.model_copy(update={"canvas": s.canvas.model_copy(update={"path": str(steps / s.canvas.name)})})
         moved.append(s)
-    final = finished.final_image.model_copy(update={"path": str(steps / finished.final_image.name)})
-    done = finished.model_copy(update={"steps": moved, "final_image": final})
+    final = finished.final_canvas.model_copy(update={"path": str(steps / finished.final_canvas.name)})
+    done = finished.model_copy(update={"steps": moved, "final_canvas": final})
     write_trace(_running(done), run / "trace.html", refresh_s=1)
 
     handler = type("Handler", (_RunFolder,), {"requests": [],

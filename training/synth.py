@@ -216,15 +216,15 @@ def exported_trajectory(traj: Trajectory, out: Path) -> Trajectory:
             "canvas": _export_image(s.canvas, out) if s.canvas else None,
             "request": s.request.model_copy(update={"references": refs}),
         }))
-    final = _export_image(traj.final_image, out) if traj.final_image else None
-    return traj.model_copy(update={"steps": steps, "final_image": final})
+    final = _export_image(traj.final_canvas, out) if traj.final_canvas else None
+    return traj.model_copy(update={"steps": steps, "final_canvas": final})
 
 
 def rejection(traj: Trajectory) -> Optional[str]:
     """Why a loop run cannot be a verified trajectory, or None."""
     if traj.status == "failed":
         return "loop failed"
-    if traj.final_image is None:
+    if traj.final_canvas is None:
         return "no final image"
     if any(s.accepted and s.passive is not None and not s.passive.executed for s in traj.steps):
         return "unexecuted step kept"
@@ -365,7 +365,7 @@ def _synthesize_one(loop, executor, judge: Judge, prompt: str, seed: int, settin
                               "dropped_steps": sum(not s.accepted for s in traj.steps)}
     reason = rejection(traj)
     if reason is None:
-        margin = float(judge(prompt, traj.final_image.open(), single_step_image(executor, prompt, seed, settings)))
+        margin = float(judge(prompt, traj.final_canvas.open(), single_step_image(executor, prompt, seed, settings)))
         record["judge"] = margin
         reason = None if margin > 0 else "did not beat single-step"
     if reason is not None:

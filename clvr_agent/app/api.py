@@ -77,7 +77,7 @@ def create_clvr(
 ) -> "ClvrRunnable":
     """The compiled CLVR graph with its configuration bound, as a LangChain Runnable.
 
-    ``invoke({"prompt": ...})`` returns ``status``, ``final_image``, ``iterations`` and ``trajectory``.
+    ``invoke({"prompt": ...})`` returns ``status``, ``final_image`` (its path), ``iterations`` and ``trajectory``.
     ``stream`` supports the ``updates``, ``values`` and ``custom`` modes; ``batch``, ``ainvoke`` and
     ``astream`` work as on any Runnable. Settings are the fields of :class:`~clvr_agent.state.Settings`.
     Models load on the first run (once per process); every run gets its own cancel flag.

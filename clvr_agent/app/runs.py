@@ -209,15 +209,15 @@ def trajectory_from_state(values: dict, *, backend: str = "", controller: str = 
         prompt=values.get("prompt", ""), seed=values.get("seed") or 0, backend=backend, controller=controller,
         plan=values.get("plan"), steps=steps, status=values.get("status", "running"),
         stop_reason=values.get("stop_reason", "interrupted"), iterations=values.get("iterations", 0),
-        final_image=done[-1].canvas if done else None, model_calls=values.get("model_calls", []),
+        final_canvas=done[-1].canvas if done else None, model_calls=values.get("model_calls", []),
     )
 
 
 def write_outputs(out: Path, trajectory: Trajectory) -> None:
     """trajectory.json, final.png and trace.html, each atomically: written whatever state the run is in."""
     atomic_write(out / "trajectory.json", json.dumps(trajectory.model_dump(mode="json"), indent=2).encode())
-    if trajectory.final_image is not None:
-        atomic_write(out / "final.png", Path(trajectory.final_image.resolved(str(out.resolve()))).read_bytes())
+    if trajectory.final_canvas is not None:
+        atomic_write(out / "final.png", Path(trajectory.final_canvas.resolved(str(out.resolve()))).read_bytes())
     write_trace(trajectory, out / "trace.html")
 
 

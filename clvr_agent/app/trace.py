@@ -89,7 +89,7 @@ def trace_html(trajectory: Trajectory, base: Path, *, refresh_s: int = REFRESH_S
         note = " <em>(fallback: the controller could not plan)</em>" if t.plan.fallback else ""
         plan = f"<h2>Plan{note}</h2><ol>{items}</ol><p>First instruction: {html.escape(t.plan.first_instruction)}</p>"
     total_nfe = sum(s.nfe for s in t.steps)
-    final = f'<div class="final"><h2>Final image</h2>{_img(t.final_image, base)}</div>' if t.final_image else ""
+    final = f'<div class="final"><h2>Final image</h2>{_img(t.final_canvas, base)}</div>' if t.final_canvas else ""
     running = t.status == "running"
     refresh = f'<meta http-equiv="refresh" content="{refresh_s}">' if running else ""
     live = f' <small class="live">(running: this page reloads every {refresh_s} s)</small>' if running else ""
@@ -134,6 +134,6 @@ def summary_text(trajectory: Trajectory) -> str:
         flag = "" if s.accepted else " [discarded]"
         lines.append(f"  step {s.index} it{s.iteration} {s.request.mode:8s} score {score} nfe {s.nfe}: "
                      f"{s.instruction[:80]}{flag}")
-    if t.final_image:
-        lines.append(f"final: {t.final_image.path}")
+    if t.final_canvas:
+        lines.append(f"final: {t.final_canvas.path}")
     return "\n".join(lines)
