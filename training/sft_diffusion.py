@@ -9,6 +9,7 @@ Single process or ``accelerate launch`` (DDP) with no change.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import random
@@ -103,6 +104,11 @@ class SFTDiffusionTrainer:
                  warmup_steps=config.warmup_steps, betas=(config.adam_beta1, config.adam_beta2))
         self.history: list[dict] = []
         self._perms: dict[int, list[int]] = {}
+        # Prior preservation's reference: a LoRA's base is the adapter switched off; a full fine-tune keeps
+        # a frozen copy of the transformer as loaded (before any step, so also the base on resume).
+        self.base_transformer = None
+        if config.prior_weight > 0 and not config.lora_rank:
+            self.base_transformer = copy.deepcopy(pipeline.transformer).requires_grad_(False).eval()
 
     # -- data ---------------------------------------------------------------------------------------
 
@@ -187,6 +193,10 @@ class SFTDiffusionTrainer:
             fm_loss = fm.flow_matching_loss(pred, target, x0_tok.shape[1])
             total = total + fm_loss * len(idx) / len(examples)
             logs[f"loss_refs{k}"] = fm_loss.item()
+            if k == 0 and cfg.prior_weight > 0:  # text-to-image examples: stay where the base's velocity is
+                prior = fm.flow_matching_loss(pred, self.base_velocity(x_t, x_ids, sigma, cond), x0_tok.shape[1])
+                total = total + cfg.prior_weight * prior * len(idx) / len(examples)
+                logs["prior"] = prior.item()
             if cfg.train_vae:
                 recon = self.run["vae"](targets).sample
                 rec = torch.mean((recon.float() - targets.float()) ** 2)
@@ -195,6 +205,20 @@ class SFTDiffusionTrainer:
         if cfg.train_vae and self.pipe.vae.training:  # not while evaluating
             self._update_bn(torch.cat(raws))
         return total, logs
+
+    @torch.no_grad()
+    def base_velocity(self, x_t: torch.Tensor, x_ids: torch.Tensor, sigma: torch.Tensor, cond: fm.Condition) -> torch.Tensor:
+        """The frozen base transformer's velocity on the target tokens, ``(B, N_t, C)``."""
+        with self.accelerator.autocast():
+            if self.base_transformer is not None:
+                return fm.velocity(self.base_transformer, x_t, x_ids, sigma, cond)
+            transformer = self.run["transformer"]
+            plain = self.accelerator.unwrap_model(transformer)  # adapters switch on the module, not its wrapper
+            plain.disable_adapters()
+            try:
+                return fm.velocity(transformer, x_t, x_ids, sigma, cond)
+            finally:
+                plain.enable_adapters()
 
     @torch.no_grad()
     def _update_bn(self, raw: torch.Tensor) -> None:

@@ -5,7 +5,9 @@
 # and VAE stay the base's), so θ_sft − θ_base lives in the transformer for the DSWM merge.
 # LORA_RANK=16 trains a LoRA on the attention projections instead (fused into the exported folder, so
 # the merge still sees a full transformer delta): fewer weights move, so less of the base is overwritten.
-# SFT_OUT names the stage's folder (default $W/sft), SFT_LR its learning rate (default 5e-4).
+# SFT_OUT names the stage's folder (default $W/sft), SFT_LR its peak learning rate (default 5e-5, cosine to 0:
+# the issue-17 runs from the annealed base collapsed at a constant 5e-4), PRIOR_WEIGHT the prior preservation
+# on the text-to-image examples (regress the frozen base's velocity; default 1, 0 = off).
 #   W=clvr_mini_work SFT_STEPS=500 bash scripts/clvr_mini/stage2_sft.sh
 set -euo pipefail
 W=${W:-clvr_mini_work}
@@ -19,6 +21,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 SFT_OUT=${SFT_OUT:-$W/sft}
 [ -n "$RESUME" ] || rm -rf "$SFT_OUT"
 clvr train sft-diffusion --model "$BASE" --data "$SFT_DATA" --out "$SFT_OUT" $RESUME --lora-rank "${LORA_RANK:-0}" \
-  --max-steps "$SFT_STEPS" --batch-size 16 --learning-rate "${SFT_LR:-5e-4}" --warmup-steps 20 --max-sequence-length 48 \
+  --max-steps "$SFT_STEPS" --batch-size 16 --learning-rate "${SFT_LR:-5e-5}" --lr-scheduler cosine --warmup-steps 20 \
+  --prior-weight "${PRIOR_WEIGHT:-1}" --max-sequence-length 48 \
   --logit-mean "${LOGIT_MEAN:-0}" \
   --height 64 --width 64 --no-set-bn-stats --log-every 10 --checkpoint-every 100 --keep-checkpoints 1
