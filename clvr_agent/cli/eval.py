@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from clvr_agent.cli.common import fail, model_choice
+from clvr_agent.cli.common import ModelChoice, fail, model_choice, with_model_options
 
 eval_app = typer.Typer(no_args_is_help=True, help="Measure the loop: ShapeWorld, any GenEval folder, real GenEval.")
 
@@ -55,6 +55,37 @@ def eval_shapeworld_cmd(
     except (UnknownBackendError, MissingDependencyError) as exc:
         fail(str(exc))
     typer.echo(json.dumps(summary, indent=2))
+
+
+@eval_app.command("edits")
+@with_model_options
+def eval_edits_cmd(
+    n: int = typer.Option(120, min=1, help="Edits to ask (prompts whose first canvas is right ask none and are skipped)."),
+    seed: int = typer.Option(100, help="Prompt seed: the prompts and seeds of `clvr eval shapeworld --seed S`."),
+    out: Path = typer.Option(Path("eval-edits"), "--out", "-o"),
+    overwrite: bool = typer.Option(False),
+    *,
+    models: ModelChoice,
+) -> None:
+    """Edit success per op on the whole-canvas edits the loop asks for (ShapeWorld controller's correction
+    of the executor's own canvas, passive check) → results.jsonl, summary.json, table.md."""
+    from clvr_agent.errors import MissingDependencyError, UnknownBackendError
+    from clvr_agent.eval.edits import eval_edits
+    from clvr_agent.state import ClvrContext
+    from clvr_agent.tools.registry import get_executor
+
+    if models.controller not in (None, "shapeworld"):
+        fail(f"--controller {models.controller}: edits are asked and checked by the ShapeWorld controller; drop --controller")
+    _out_ok(out, overwrite)
+    try:
+        executor = get_executor(models.backend, **models.executor_options)
+        context = ClvrContext(**{k: v for k, v in models.request.items() if v is not None})
+        label = f"{models.backend}" + (f" {models.executor_options['model']}" if "model" in models.executor_options else "")
+        eval_edits(executor, n=n, seed=seed, out_dir=out, context=context, label=label)
+    except (UnknownBackendError, MissingDependencyError, FileNotFoundError, OSError) as exc:
+        fail(str(exc).splitlines()[0])
+    typer.echo((out / "table.md").read_text())
+    typer.echo(f"wrote {out / 'summary.json'} and {out / 'table.md'}")
 
 
 @eval_app.command("controller")
