@@ -334,7 +334,7 @@ def test_distill_student_approaches_teacher_and_saves_distilled(tmp_path):
 # ------------------------------------------------------------------------------------------------- PPRL
 
 
-def _brightness(images, prompts, refs):
+def _brightness(images, proxies):
     return [float(np.asarray(im, dtype=np.float32).mean() / 255) for im in images]
 
 
@@ -395,7 +395,7 @@ def test_flow_grpo_scheduler_steps_like_euler_at_zero_noise_and_scores_its_sampl
 def test_pprl_on_policy_ratio_is_exactly_one(tmp_path):
     from clvr_agent.training.pprl import PPRLTrainer
 
-    cfg = _pprl_config(tmp_path, num_steps=4, guidance_scale=3.0, beta=0.1)
+    cfg = _pprl_config(tmp_path, num_steps=4, guidance_scale=3.0, kl_coef=0.1)
     tr = PPRLTrainer(_pipe(), cfg, ["a red circle", "a blue square"], _brightness)
     rollouts = [tr.rollout(0), tr.rollout(1)]
     tr.advantages(rollouts)
@@ -447,7 +447,8 @@ def test_pprl_raises_a_toy_reward(tmp_path):
     ("SFTDiffusionConfig", dict(prior_weight=-1.0), "prior_weight must be a finite number ≥ 0"),
     ("SFTDiffusionConfig", dict(prior_weight=1.0, train_text_encoder=True), "train the transformer only"),
     ("DistillConfig", dict(teacher_steps=30, student_steps=4), "multiple of student_steps"),
-    ("PPRLConfig", dict(beta=0.1, lora_rank=0), "needs lora_rank"),
+    ("PPRLConfig", dict(ppo_epochs=0), "ppo_epochs must be ≥ 1"),
+    ("PPRLConfig", dict(kl_coef=-0.1), "kl_coef must be a finite number ≥ 0"),
     ("PPRLConfig", dict(noise_level=0.0), "noise_level must be > 0"),
 ])
 def test_configs_reject_bad_input_with_a_fix(cls, kw, match):
@@ -530,7 +531,8 @@ def test_cli_sft_diffusion_runs_and_rejects_bad_flags(tmp_path, sft_data):
 
 
 def test_shapeworld_reward_judges_small_samples_at_canvas_size():
-    from clvr_agent.training.pprl import shapeworld_reward
+    from clvr_agent.training.pprl_data import ProxyPrompt
+    from clvr_agent.training.pprl_shapeworld import shapeworld_reward
     from clvr_agent.tools.shapeworld.render import render
     from clvr_agent.tools.shapeworld.world import Obj, Scene
 
@@ -538,5 +540,5 @@ def test_shapeworld_reward_judges_small_samples_at_canvas_size():
     full = render(scene)
     small = full.resize((64, 64))
     prompt = "a photo of a red circle left of a blue square"
-    assert shapeworld_reward([full, small], [prompt, prompt], [[], []]) == [1.0, 1.0]
-    assert shapeworld_reward([full], ["a photo of a green star"], [[]])[0] < 1.0
+    assert shapeworld_reward([full, small], [ProxyPrompt(prompt)] * 2) == [1.0, 1.0]
+    assert shapeworld_reward([full], [ProxyPrompt("a photo of a green star")])[0] < 1.0

@@ -104,7 +104,10 @@ class PPRLConfig(TrainConfig):
     clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip ε (tiny: log-probs are means over latent dims)."})
     adv_clip_max: float = field(default=5.0, metadata={"help": "Clamp advantages to ±this."})
     global_std: bool = field(default=False, metadata={"help": "Normalise advantages by the std of all rewards in the step instead of per group."})
-    beta: float = field(default=0.0, metadata={"help": "KL weight to the adapter-disabled reference (needs lora_rank > 0)."})
+    ppo_epochs: int = field(default=1, metadata={"help": "Optimizer steps per rollout batch, each over all its groups; > 1 reuses the samples off-policy, so the ratio clip matters."})
+    kl_coef: float = field(default=0.0, metadata={"help": "KL weight to the reference (the starting, e.g. SFT, model): the adapter-disabled model with LoRA, else a frozen copy of the starting transformer."})
+    eval_every: int = field(default=0, metadata={"help": "Score the held-out contexts every N steps (and before the first); 0 = never."})
+    eval_group_size: int = field(default=4, metadata={"help": "Images per held-out context (ODE sampling from fixed noise)."})
     max_sequence_length: int = field(default=0, metadata={"help": "Text tokens per prompt (padded); 0 = the pipeline's own length, as the executor uses at inference."})
 
     def __post_init__(self):
@@ -124,10 +127,12 @@ class PPRLConfig(TrainConfig):
             raise ValueError(f"text_weight must be in [0, 1], got {self.text_weight}")
         if self.clip_range <= 0 or self.adv_clip_max <= 0:
             raise ValueError("clip_range and adv_clip_max must be > 0")
-        if self.beta < 0:
-            raise ValueError("beta must be ≥ 0")
-        if self.beta > 0 and self.lora_rank == 0:
-            raise ValueError("beta > 0 needs lora_rank > 0: the KL reference is the adapter-disabled model")
+        if self.ppo_epochs < 1:
+            raise ValueError(f"ppo_epochs must be ≥ 1 (1 = on-policy, one optimizer step per rollout batch), got {self.ppo_epochs}")
+        if not (self.kl_coef >= 0 and math.isfinite(self.kl_coef)):
+            raise ValueError(f"kl_coef must be a finite number ≥ 0 (0 = no KL; Flow-GRPO uses 0.004–0.04), got {self.kl_coef}")
+        if self.eval_every < 0 or self.eval_group_size < 1:
+            raise ValueError("eval_every must be ≥ 0 (0 = no held-out curve) and eval_group_size ≥ 1")
 
     @property
     def train_steps(self) -> list[int]:

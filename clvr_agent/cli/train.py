@@ -177,31 +177,54 @@ def _run_distill(cfg, *, model: Path, prompts: Path):
 
 
 REWARDS = ("shapeworld", "brightness")
+PROXIES = ("shapeworld", "plain")
 
 
-def _brightness(images, prompts, refs):
+def _brightness(images, proxies):
     import numpy as np
 
     return [float(np.asarray(im.convert("L"), dtype=np.float32).mean() / 255) for im in images]
 
 
-def _run_pprl(cfg, *, model: Path, prompts: Path, reward: str):
-    from clvr_agent.training.pprl import PPRLTrainer, pixel_similarity_reward, shapeworld_reward
+def _read_contexts(path: Path) -> list:
+    """PPRL contexts: a `clvr synth` folder's loop states, or a prompt file (a .jsonl record with references
+    is an edit of its last reference)."""
+    from clvr_agent.training.pprl_data import LoopState, load_loop_states
+
+    if path.is_dir():
+        return load_loop_states(path)
+    items = _read_prompts(path)
+    return [it if isinstance(it, str) else
+            LoopState(prompt=it["prompt"], instruction=it["prompt"].split("\n")[-1], references=tuple(it["references"]),
+                      mode="edit" if it["references"] else "generate")
+            for it in items]
+
+
+def _run_pprl(cfg, *, model: Path, prompts: Path, reward: str, proxy: str, heldout_runs: int):
+    from clvr_agent.training.pprl import PPRLTrainer, plain_proxy, preservation_reward
+    from clvr_agent.training.pprl_data import split_heldout
+    from clvr_agent.training.pprl_shapeworld import ShapeWorldTeacher, shapeworld_reward
 
     if reward not in REWARDS:
         fail(f"--reward {reward!r}: choose one of {', '.join(REWARDS)}")
-    items = _read_prompts(prompts)
-    reward_text = {"shapeworld": shapeworld_reward, "brightness": _brightness}[reward]
+    if proxy not in PROXIES:
+        fail(f"--proxy {proxy!r}: choose shapeworld (the proxy teacher) or plain (the raw history: the simple-RL row)")
+    contexts = _read_contexts(prompts)
     if reward == "shapeworld":
         from clvr_agent.tools.shapeworld.language import parse_prompt
 
-        for item in items:
-            text = item if isinstance(item, str) else item["prompt"]
+        for item in contexts:
+            text = (item if isinstance(item, str) else item.prompt).split("\n")[0]
             try:
                 parse_prompt(text)
             except ValueError as exc:
                 fail(f"--reward shapeworld needs ShapeWorld prompts; {text!r}: {exc}")
-    trainer = PPRLTrainer(_load_pipeline(model, cfg), cfg, items, reward_text, pixel_similarity_reward)
+    train, heldout = split_heldout(contexts, heldout_runs) if heldout_runs else (contexts, [])
+    reward_text = {"shapeworld": shapeworld_reward, "brightness": _brightness}[reward]
+    teacher = ShapeWorldTeacher() if proxy == "shapeworld" else plain_proxy
+    # The held-out curve is always scored against the teacher's targets, so proxy and plain runs compare.
+    trainer = PPRLTrainer(_load_pipeline(model, cfg), cfg, train, reward_text, preservation_reward, teacher,
+                          heldout=heldout, eval_prompter=ShapeWorldTeacher() if reward == "shapeworld" else None)
     return trainer.train()
 
 
@@ -212,10 +235,18 @@ _command("distill", DistillConfig,
          [_opt("prompts", Path, "--prompts", help=".txt (one prompt a line) or .jsonl ({prompt, references}).")],
          _run_distill, "Distil a base (CFG) model into a few-step student; saved with is_distilled=True.")
 _command("pprl", PPRLConfig,
-         [_opt("prompts", Path, "--prompts", help=".txt (one prompt a line) or .jsonl ({prompt, references})."),
+         [_opt("prompts", Path, "--prompts",
+               help="A `clvr synth` folder (its loop states: every generate/edit call, rebuilt from --record-calls "
+                    "when present), or .txt (one prompt a line) / .jsonl ({prompt, references}: an edit of the last)."),
           _opt("reward", str, "--reward", default="shapeworld",
-               help="R_text: shapeworld (GenEval partial credit from the ShapeWorld detector) or brightness (a toy).")],
-         _run_pprl, "Proxy-prompt RL (Flow-GRPO) with R = w·R_text + (1-w)·R_ref (pixel similarity to the references).")
+               help="R_text: shapeworld (GenEval partial credit of the target scene × a penalty for extra objects, "
+                    "ShapeWorld detector) or brightness (a toy)."),
+          _opt("proxy", str, "--proxy", default="shapeworld",
+               help="The step target: shapeworld (the proxy teacher: the canvas's scene with the instruction applied, "
+                    "and what to preserve) or plain (the raw history: the simple-RL row)."),
+          _opt("heldout_runs", int, "--heldout-runs", default=0,
+               help="Hold out every state of the last N runs for the held-out reward curve (needs --eval-every).")],
+         _run_pprl, "Proxy-prompt RL (Flow-GRPO) with R = w·R_text + (1-w)·R_ref (R_ref: preservation outside the edited region).")
 
 
 def _run_sft_vlm(cfg, *, model: str, data: Path, dtype: str, full: bool):
