@@ -32,7 +32,11 @@ ev distill "$W/distill"
 SFT_DATA=$SFT_DATA bash scripts/clvr_mini/stage2_sft.sh > "$W/stage2.log" 2>&1
 inherit "$W/sft"
 ev sft "$W/sft"
-python scripts/clvr_mini/stage3_pprl.py --model "$W/sft" --data "$SFT_DATA" --out "$W/pprl" \
+# PPRL's rollout contexts: the loop's own executor calls with the SFT model drawing (region draws are left out)
+PPRL_DATA=${PPRL_DATA:-$W/synth_pprl}
+[ -f "$PPRL_DATA/synth_config.json" ] || clvr synth --out "$PPRL_DATA" --n "${PPRL_PROMPTS:-48}" --seed 5 --prompts geneval \
+  --backend clvr-mini --model "$W/sft" --max-iterations "$ITERS" --record-calls --no-progress > "$W/synth_pprl.log" 2>&1
+python scripts/clvr_mini/stage3_pprl.py --model "$W/sft" --data "$PPRL_DATA" --out "$W/pprl" \
   --max-steps "${PPRL_STEPS:-30}" --guidance-scale "$GUIDANCE" > "$W/stage3.log" 2>&1
 inherit "$W/pprl"
 ev pprl "$W/pprl"
