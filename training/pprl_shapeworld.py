@@ -66,7 +66,8 @@ class ShapeWorldTeacher:
         try:
             ops = parse_instruction(context.instruction)
         except ValueError as exc:
-            raise ValueError(f"the ShapeWorld teacher cannot read the instruction {context.instruction!r}: {exc}") from None
+            raise ValueError(f"the ShapeWorld teacher cannot read the instruction {context.instruction!r} ({exc}); "
+                             "it reads ShapeWorld loops only: use the plain proxy (--proxy plain) for others") from None
         redraws = [op for op in ops if op.kind == "redraw"]
         if context.mode == "generate" or redraws:
             return ProxyPrompt(redraws[-1].prompt if redraws else context.prompt.split("\n")[0])
