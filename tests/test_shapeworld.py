@@ -377,6 +377,41 @@ def test_loop_stops_asking_for_edits_the_executor_cannot_carry_out():
     assert out["trajectory"]["iterations"] > 2  # it kept trying rather than repeating a dead edit
 
 
+def test_region_draws_off_never_asks_for_a_region_draw():
+    # The same executor and prompt as above, where the default controller asks for tiles after the
+    # failed edit: with region_draws=False every later correction is a redraw (how learned rows are measured).
+    from clvr_agent.app.api import create_clvr
+
+    broken = ShapeWorldExecutor(WorldConfig(eps_per_constraint=0.6, eps_max=0.9, edit_success=0.0, edit_disturb=0.0))
+    runnable = create_clvr(broken, controller="shapeworld", controller_options={"region_draws": False},
+                           max_iterations=6, patience=6)
+    out = runnable.invoke({"prompt": "a photo of a red circle left of a blue square", "seed": 3})
+    steps = out["trajectory"]["steps"]
+    stuck = [i for i, s in enumerate(steps) if s["accepted"] and s["request"]["mode"] == "edit"
+             and not s["passive"]["executed"]]
+    assert stuck and not any(s["request"]["mode"] == "inpaint" or s["request"].get("region_prompt") for s in steps)
+    later = steps[stuck[0] + 1:]
+    assert later and all(s["request"]["mode"] == "generate" and s["instruction"].startswith("redraw:") for s in later)
+
+
+def test_cli_region_draws_flag(tmp_path):
+    from typer.testing import CliRunner
+
+    from clvr_agent.cli.main import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", "shapeworld", "--mode", "loop", "--n", "2", "--no-region-draws",
+                              "--out", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    import json
+
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["controller_options"] == {"region_draws": False} and summary["n"] == 2
+    bad = runner.invoke(app, ["generate", "a photo of a red circle", "--controller", "chat-model", "--base-url",
+                              "http://x", "--no-region-draws", "--out", str(tmp_path / "g")])
+    assert bad.exit_code == 2 and "ShapeWorld controller" in bad.output
+
+
 def test_clear_tile_leaves_every_object_alone_and_keeps_the_relation():
     from clvr_agent.eval.rules import relative_position
     from clvr_agent.tools.shapeworld.controller import TILE_FILL, clear_tile

@@ -99,6 +99,8 @@ _MODEL_FLAGS = {
     "width": _opt(None, "Canvas width in pixels (default: the checkpoint's).", Optional[int]),
     "steps": _opt(None, "Denoising steps (default: the checkpoint's).", Optional[int]),
     "guidance": _opt(None, "Guidance scale (default: the checkpoint's).", Optional[float]),
+    "region_draws": _opt(True, "ShapeWorld controller: draw a missing object into a clear tile once edits fail "
+                               "(--no-region-draws: the loop must edit or redraw).", bool),
 }
 
 
@@ -106,7 +108,7 @@ def model_choice(backend: str, controller: Optional[str] = None, model: Optional
                  vlm: Optional[str] = None, base_url: Optional[str] = None, model_name: Optional[str] = None,
                  dtype: str = "auto", device: str = "auto", offload: bool = False, height: Optional[int] = None,
                  width: Optional[int] = None, steps: Optional[int] = None,
-                 guidance: Optional[float] = None) -> ModelChoice:
+                 guidance: Optional[float] = None, region_draws: bool = True) -> ModelChoice:
     """Check the shared flags together; a real model's ``auto`` device and dtype are settled here, once."""
     from clvr_agent.tools.registry import controller_names, executor_names
 
@@ -140,8 +142,20 @@ def model_choice(backend: str, controller: Optional[str] = None, model: Optional
         ctl_opts = {"base_url": base_url, "model_name": model_name}
     elif vlm:
         fail("--vlm is only used by --controller qwen3-vl")
+    ctl_opts.update(shapeworld_controller_options(backend, controller, region_draws))
     request = dict(steps=steps, guidance=guidance, height=height, width=width)
     return ModelChoice(backend, controller, ex_opts, ctl_opts, request)
+
+
+def shapeworld_controller_options(backend: str, controller: Optional[str], region_draws: bool) -> dict:
+    """``{"region_draws": False}`` for ``--no-region-draws`` (only the ShapeWorld controller has them), else ``{}``."""
+    from clvr_agent.tools.registry import default_controller
+
+    if region_draws:
+        return {}
+    if (controller or default_controller(backend)) != "shapeworld":
+        fail(f"--no-region-draws is an option of the ShapeWorld controller, not of {controller or default_controller(backend)}")
+    return {"region_draws": False}
 
 
 def with_model_options(fn: Callable) -> Callable:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from clvr_agent.cli.common import ModelChoice, fail, model_choice, with_model_options
+from clvr_agent.cli.common import ModelChoice, fail, model_choice, shapeworld_controller_options, with_model_options
 
 eval_app = typer.Typer(no_args_is_help=True, help="Measure the loop: ShapeWorld, any GenEval folder, real GenEval.")
 
@@ -32,6 +32,10 @@ def _parse_tiers(text: str) -> list[int]:
     return tiers
 
 
+_REGION_HELP = ("The loop's ShapeWorld controller draws a missing object into a clear tile once edits fail "
+                "(--no-region-draws: the loop must use the executor's own edits and redraws).")
+
+
 @eval_app.command("shapeworld")
 def eval_shapeworld_cmd(
     mode: str = typer.Option("loop", help="single (one executor call) or loop (the CLVR graph)."),
@@ -40,6 +44,7 @@ def eval_shapeworld_cmd(
     out: Path = typer.Option(Path("eval-shapeworld"), "--out", "-o"),
     backend: str = typer.Option("shapeworld", help="Executor: shapeworld or clvr-mini (any ShapeWorld drawer)."),
     max_iterations: int = typer.Option(8),
+    region_draws: bool = typer.Option(True, help=_REGION_HELP),
     overwrite: bool = typer.Option(False),
 ) -> None:
     """GenEval-style pass rate on ShapeWorld prompts → results.jsonl, summary.json, summary.png."""
@@ -50,8 +55,10 @@ def eval_shapeworld_cmd(
     _out_ok(out, overwrite)
     from clvr_agent.errors import MissingDependencyError, UnknownBackendError
 
+    ctl_opts = shapeworld_controller_options(backend, None, region_draws)
     try:
-        summary = eval_shapeworld(mode=mode, n=n, seed=seed, out_dir=out, backend=backend, max_iterations=max_iterations)
+        summary = eval_shapeworld(mode=mode, n=n, seed=seed, out_dir=out, backend=backend, max_iterations=max_iterations,
+                                  controller_options=ctl_opts)
     except (UnknownBackendError, MissingDependencyError) as exc:
         fail(str(exc))
     typer.echo(json.dumps(summary, indent=2))
@@ -159,6 +166,7 @@ def probe_cmd(
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("probe"), "--out", "-o"),
     backend: str = typer.Option("shapeworld"),
+    region_draws: bool = typer.Option(True, help=_REGION_HELP),
     overwrite: bool = typer.Option(False),
 ) -> None:
     """Single-step vs loop pass rate by complexity tier → summary.json and probe.png."""
@@ -166,7 +174,8 @@ def probe_cmd(
 
     tier_list = _parse_tiers(tiers)
     _out_ok(out, overwrite)
-    summary = probe(tiers=tier_list, per_tier=per_tier, seed=seed, out_dir=out, backend=backend)
+    summary = probe(tiers=tier_list, per_tier=per_tier, seed=seed, out_dir=out, backend=backend,
+                    controller_options=shapeworld_controller_options(backend, None, region_draws))
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -35,17 +35,23 @@ def _bar(items: Iterable, total: int, desc: str, progress: bool):
     return tqdm(items, total=total, desc=desc, disable=not progress, file=sys.stderr, leave=False)
 
 
-def _sampler(mode: str, backend: str, workdir: str, max_iterations: int) -> Sampler:
-    """``single`` (one executor call) or ``loop`` (the CLVR graph) on the named backend."""
+def _sampler(mode: str, backend: str, workdir: str, max_iterations: int, executor_options: Optional[dict] = None,
+             controller_options: Optional[dict] = None, request: Optional[dict] = None) -> Sampler:
+    """``single`` (one executor call) or ``loop`` (the CLVR graph) on the named backend.
+
+    ``executor_options`` and ``controller_options`` go to the registry (e.g. ``{"model": folder}``,
+    ``{"region_draws": False}``); ``request`` (``steps``, ``guidance``) to every executor call of both modes."""
     if mode not in ("single", "loop"):
         raise ValueError(f"mode must be 'single' or 'loop', got {mode!r}")
+    request = {k: v for k, v in (request or {}).items() if v is not None}
     if mode == "single":
         from clvr_agent.tools.registry import get_executor
 
-        return single_step(get_executor(backend))
+        return single_step(get_executor(backend, **(executor_options or {})), **request)
     from clvr_agent.app.api import create_clvr
 
-    return loop(create_clvr(backend, artifact_dir=workdir, max_iterations=max_iterations))
+    return loop(create_clvr(backend, executor_options=executor_options, controller_options=controller_options,
+                            artifact_dir=workdir, max_iterations=max_iterations, **request))
 
 
 def run_lines(lines: list[dict], sample: Sampler, seed: int, progress: bool = False, desc: str = "",
@@ -74,9 +80,10 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _run_lines(lines: list[dict], mode: str, seed: int, backend: str, progress: bool, desc: str,
-               samples_dir: Optional[Path] = None, max_iterations: int = 8) -> list[dict]:
+               samples_dir: Optional[Path] = None, max_iterations: int = 8, **options) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="clvr-eval-") as work:
-        return run_lines(lines, _sampler(mode, backend, work, max_iterations), seed, progress, desc, samples_dir)
+        return run_lines(lines, _sampler(mode, backend, work, max_iterations, **options), seed, progress, desc,
+                         samples_dir)
 
 
 def eval_shapeworld(
@@ -87,11 +94,15 @@ def eval_shapeworld(
     backend: str = "shapeworld",
     progress: bool = True,
     max_iterations: int = 8,
+    executor_options: Optional[dict] = None,
+    controller_options: Optional[dict] = None,
+    request: Optional[dict] = None,
 ) -> dict:
     """GenEval-style benchmark over ShapeWorld: ``n`` prompts cycling the six tasks.
 
     Writes ``results.jsonl``, ``summary.json`` (``overall``, ``per_tag``, ``mean_iterations``),
-    the prompts and images in GenEval's folder layout, and ``summary.png``.
+    the prompts and images in GenEval's folder layout, and ``summary.png``. The options are
+    :func:`_sampler`'s (a model folder, ``{"region_draws": False}``, steps and guidance).
     """
     from clvr_agent.tools.shapeworld.language import geneval_lines
 
@@ -100,12 +111,14 @@ def eval_shapeworld(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = geneval_lines(n, seed)
+    options = dict(executor_options=executor_options, controller_options=controller_options, request=request)
     rows = _run_lines(lines, mode, seed, backend, progress, f"eval {mode}", samples_dir=out,
-                      max_iterations=max_iterations)
+                      max_iterations=max_iterations, **options)
     _write_jsonl(out / "results.jsonl", rows)
     summary = summarize([{"tag": r["tag"], "correct": r["passed"]} for r in rows])
     summary.update(mean_iterations=float(np.mean([r["iterations"] for r in rows])), n=n, mode=mode,
-                   seed=seed, backend=backend, max_iterations=max_iterations)
+                   seed=seed, backend=backend, max_iterations=max_iterations,
+                   **{k: v for k, v in options.items() if v})
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _plot_tags(summary, out / "summary.png", f"ShapeWorld GenEval-style, {mode} (n={n})")
     return summary
@@ -126,6 +139,9 @@ def probe(
     backend: str = "shapeworld",
     progress: bool = True,
     max_iterations: int = 8,
+    executor_options: Optional[dict] = None,
+    controller_options: Optional[dict] = None,
+    request: Optional[dict] = None,
 ) -> dict:
     """Pass rate against prompt complexity (tier = atomic constraints), single step vs the loop.
 
@@ -140,11 +156,13 @@ def probe(
     lines = tier_lines(tiers, per_tier, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    options = dict(executor_options=executor_options, controller_options=controller_options, request=request)
     summary: dict = {"tiers": tiers, "per_tier": per_tier, "seed": seed, "backend": backend,
-                     "max_iterations": max_iterations}
+                     "max_iterations": max_iterations, **{k: v for k, v in options.items() if v}}
     all_rows = []
     for mode in ("single", "loop"):
-        rows = _run_lines(lines, mode, seed, backend, progress, f"probe {mode}", max_iterations=max_iterations)
+        rows = _run_lines(lines, mode, seed, backend, progress, f"probe {mode}", max_iterations=max_iterations,
+                          **options)
         passes = [float(np.mean([r["passed"] for r in rows if r["tier"] == t])) for t in tiers]
         iters = [float(np.mean([r["iterations"] for r in rows if r["tier"] == t])) for t in tiers]
         summary[mode] = {"pass_by_tier": passes, "auc": float(np.mean(passes) * 100), "iterations_by_tier": iters}

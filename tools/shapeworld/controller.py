@@ -112,14 +112,17 @@ class ShapeWorldController:
     clauses fail and the repair would take at least as many ops as the prompt has clauses. Once an
     edit has failed its passive check on every retry, the executor is taken not to edit: missing
     objects are then added by region draws (``clear_tile``) and everything else is redrawn.
+    ``region_draws=False`` never asks for a region draw, so a loop measured with it gains only by the
+    executor's own edits and redraws (how the learned-edit rows of clvr-mini's table are measured).
     """
 
     name = "shapeworld"
 
-    def __init__(self, redraw_fraction: float = 0.5) -> None:
+    def __init__(self, redraw_fraction: float = 0.5, region_draws: bool = True) -> None:
         if not 0.0 <= redraw_fraction <= 1.0:
             raise ValueError(f"redraw_fraction must be in [0, 1], got {redraw_fraction}")
         self.redraw_fraction = redraw_fraction
+        self.region_draws = region_draws
         self._seen: dict[bytes, list[Detection]] = {}  # detections of recent canvases, by pixels
 
     def _detect(self, image: Image.Image) -> list[Detection]:
@@ -171,7 +174,7 @@ class ShapeWorldController:
         redrawn = any(s.instruction.startswith("redraw:") for s in history)
         mostly_wrong = failing > self.redraw_fraction * len(oks) and len(ops) >= len(line["include"])
         stuck = steps_not_executed(history, "edit")
-        if stuck and not steps_not_executed(history, "inpaint"):
+        if stuck and self.region_draws and not steps_not_executed(history, "inpaint"):
             region = self._region_add(ops, dets, canvas.size)
             if region is not None:
                 return region
