@@ -95,6 +95,50 @@ def eval_edits_cmd(
     typer.echo(f"wrote {out / 'summary.json'} and {out / 'table.md'}")
 
 
+def _parse_ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{flag} {text!r}: expected a comma-separated list of integers, e.g. 1,2")
+
+
+@eval_app.command("table")
+def eval_table_cmd(
+    spec: Path = typer.Option(..., help="Rows as JSON: rows (name, model folder, steps, guidance, region_draws), "
+                                        "compare (pairs from, to; default: each row against the one before), "
+                                        "probe (row names); see clvr_agent/eval/table.py."),
+    out: Path = typer.Option(Path("eval-table"), "--out", "-o", help="Rows already measured here are read back."),
+    n: int = typer.Option(120, min=1, help="Prompts per seed (the same for every row)."),
+    seeds: str = typer.Option("1,2", help="Evaluation seeds, comma-separated."),
+    max_iterations: int = typer.Option(6),
+    region_draws: bool = typer.Option(False, help="Region draws in every row's loop (a row's own region_draws wins)."),
+    colour_shape_seeds: int = typer.Option(2, min=0, help="Seeds of single-object colour+shape (0 skips)."),
+    edits: int = typer.Option(120, min=0, help="Edits asked per seed for edit success (0 skips)."),
+    probe_tiers: str = typer.Option("1-6", help="Tiers of the probe curve of the spec's probe rows."),
+    per_tier: int = typer.Option(5, min=1),
+    device: str = typer.Option("auto", help="torch device of the klein rows: auto, cuda, cpu."),
+    resamples: int = typer.Option(2000, min=100, help="Bootstrap resamples per interval."),
+) -> None:
+    """The results table: every row on the same prompts × seeds, bootstrap 95 % CIs for the spec's
+    differences → table.json, table.md, table.png (+ probe.png); resumable per row and part."""
+    from clvr_agent.cli.common import resolve_device
+    from clvr_agent.errors import MissingDependencyError, UnknownBackendError
+    from clvr_agent.eval.table import Spec, TableConfig, build_table
+
+    if not spec.is_file():
+        fail(f"--spec {spec} is not a file")
+    try:
+        cfg = TableConfig(n=n, seeds=tuple(_parse_ints(seeds, "--seeds")), max_iterations=max_iterations,
+                          region_draws=region_draws, colour_shape_seeds=colour_shape_seeds, edits=edits,
+                          probe_tiers=tuple(_parse_tiers(probe_tiers)), per_tier=per_tier,
+                          device=resolve_device(device), resamples=resamples, progress=True)
+        build_table(Spec.load(spec), out, cfg, log=lambda m: typer.echo(m, err=True))
+    except (UnknownBackendError, MissingDependencyError, FileNotFoundError, OSError, ValueError, KeyError) as exc:
+        fail(str(exc).splitlines()[0])
+    typer.echo((out / "table.md").read_text())
+    typer.echo(f"wrote {out / 'table.json'}, {out / 'table.md'} and {out / 'table.png'}")
+
+
 @eval_app.command("controller")
 def eval_controller_cmd(
     controller: str = typer.Option("qwen3-vl", help="Controller under test: qwen3-vl, shapeworld or chat-model."),

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
+
+from clvr_agent.eval.colour_shape import measure  # noqa: F401  (evaluate.py imports it from here)
 
 
 def load(model: str, run: str | None):
@@ -61,58 +62,6 @@ def training_batch(pipe, data: Path, n: int, size: int):
             images.append(im.convert("RGB"))
     tokens, ids = fm.pack_target(pipe, fm.encode_images(pipe, fm.to_pixels(pipe, images, size, size)))
     return [r["prompt"] for r in recs], tokens, ids
-
-
-def measure(pipe, *, seeds: int = 1, size: int = 64, steps: int | None = None, guidance: float | None = None,
-            save_grid: Path | None = None) -> dict:
-    """Colour+shape accuracy of ``pipe`` over every colour × shape prompt (see the module docstring)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from clvr_agent.eval.rules import COLORS, THRESHOLD, evaluate_image
-    from clvr_agent.tools.flux2_klein import prompt_max_length
-    from clvr_agent.tools.shapeworld.detect import detect
-    from clvr_agent.tools.shapeworld.world import CANVAS, CLASSES
-
-    distilled = bool(pipe.config.is_distilled)
-    steps = steps or (4 if distilled else 28)
-    guidance = guidance if guidance is not None else (1.0 if distilled else 4.0)
-    grid = [(c, s) for c in COLORS for s in CLASSES]
-    t0 = time.perf_counter()
-    images: dict[tuple[int, str, str], Image.Image] = {}
-    with torch.no_grad():
-        for seed in range(seeds):
-            # One generator per prompt, all seeded alike: canvas differences come from the text only.
-            gens = [torch.Generator().manual_seed(seed) for _ in grid]
-            out = pipe(prompt=[f"a photo of a {c} {s}" for c, s in grid], height=size, width=size,
-                       num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                       max_sequence_length=prompt_max_length(pipe)).images
-            images.update({(seed, c, s): im for (c, s), im in zip(grid, out)})
-    passed, colour_hit, shape_hit, strict = [], [], [], []
-    for (seed, c, s), im in images.items():
-        dets = detect(im.convert("RGB").resize((CANVAS, CANVAS), Image.Resampling.LANCZOS))
-        ok, _ = evaluate_image({"tag": "colors", "include": [{"class": s, "count": 1, "color": c}]}, dets)
-        good = [d for d in dets if d.score > THRESHOLD]
-        passed.append(ok)
-        colour_hit.append(any(d.color == c for d in good))
-        shape_hit.append(any(d.cls == s for d in good))
-        strict.append(len(good) == 1 and good[0].cls == s and good[0].color == c)
-    diffs = []
-    for seed in range(seeds):
-        for s in CLASSES:
-            arrs = [np.asarray(images[(seed, c, s)], dtype=np.float32) for c in COLORS]
-            diffs += [float(np.abs(arrs[i] - arrs[i + 1]).mean() > 2.0) for i in range(len(arrs) - 1)]
-    if save_grid:
-        sheet = Image.new("RGB", (size * len(CLASSES), size * len(COLORS)))
-        for (seed, c, s), im in images.items():
-            if seed == 0:
-                sheet.paste(im, (CLASSES.index(s) * size, COLORS.index(c) * size))
-        sheet.save(save_grid)
-    return {"steps": steps, "guidance": guidance, "n": len(images), "colour_shape": float(np.mean(passed)),
-            "colour_hit": float(np.mean(colour_hit)), "shape_hit": float(np.mean(shape_hit)),
-            "strict": float(np.mean(strict)), "text_changes_canvas": float(np.mean(diffs)),
-            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main() -> None:
