@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +130,51 @@ def test_cli_eval_table(tmp_path):
     spec.write_text(json.dumps({"rows": [{"name": "a", "backend": "sw-edits", "lambda": 1}]}))
     bad = runner.invoke(app, ["eval", "table", "--spec", str(spec), "--out", str(tmp_path / "u")])
     assert bad.exit_code == 2 and "lambda" in bad.output
+
+
+def _perturbed_copy(src, dst, delta: float):
+    """A copy of a pipeline folder whose transformer weights are all shifted by ``delta``."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    f = dst / "transformer" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v + delta for k, v in load_file(f).items()}, f)
+    return dst
+
+
+def test_dswm_grid_merges_measures_and_picks(tmp_path):
+    from safetensors import safe_open
+
+    from clvr_agent.eval.dswm_grid import dswm_grid
+    from clvr_agent.tools.flux2_klein import clvr_mini_path
+
+    base = clvr_mini_path()
+    aligned = _perturbed_copy(base, tmp_path / "aligned", 0.0)
+    distilled = _perturbed_copy(base, tmp_path / "distilled", 0.01)
+    cfg = TableConfig(n=1, seeds=(10,), max_iterations=1, edits=0, colour_shape_seeds=0)
+    grid = dswm_grid(base, aligned, distilled, tmp_path / "grid", cfg, lambdas_align=(1.0,),
+                     lambdas_distill=(0.5, 1.0), log=lambda _: None)
+    assert [c["name"] for c in grid["cells"]] == ["a1-d0.5", "a1-d1"]
+    folder = tmp_path / "grid" / "a1-d0.5"
+    assert (folder / "model_index.json").is_file() and (folder / "merge_report.json").is_file()
+    name = "diffusion_pytorch_model.safetensors"
+    with safe_open(str(base / "transformer" / name), "pt") as b, \
+            safe_open(str(next((folder / "transformer").glob("*.safetensors"))), "pt") as m:
+        key = next(iter(b.keys()))
+        assert np.allclose(m.get_tensor(key).numpy(), b.get_tensor(key).numpy() + 0.005, atol=1e-6)  # λd · δ
+    # the criterion: best loop rate, then single step, then closest to (1, 1)
+    cells = grid["cells"]
+    want = max(cells, key=lambda c: (c["loop"], c["single"], -abs(c["lambda_distill"] - 1)))
+    assert grid["best"]["name"] == want["name"] and (tmp_path / "grid" / "best").resolve() == Path(want["folder"]).resolve()
+    assert (tmp_path / "grid" / "selection" / "a1-d1" / "loop-s10" / "part.json").is_file()
+    assert "λa \\ λd" in (tmp_path / "grid" / "grid.md").read_text()
+
+
+def test_cli_dswm_grid_refuses_a_folder_without_a_transformer(tmp_path):
+    from typer.testing import CliRunner
+
+    from clvr_agent.cli.main import app
+
+    res = CliRunner().invoke(app, ["eval", "dswm-grid", "--base", str(tmp_path), "--aligned", str(tmp_path),
+                                   "--distilled", str(tmp_path), "--out", str(tmp_path / "g")])
+    assert res.exit_code == 2 and "no transformer/ folder" in res.output

@@ -139,6 +139,46 @@ def eval_table_cmd(
     typer.echo(f"wrote {out / 'table.json'}, {out / 'table.md'} and {out / 'table.png'}")
 
 
+def _parse_floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{flag} {text!r}: expected a comma-separated list of numbers, e.g. 0.5,0.75,1,1.25")
+
+
+@eval_app.command("dswm-grid")
+def eval_dswm_grid_cmd(
+    base: Path = typer.Option(..., help="Base pipeline folder."),
+    aligned: Path = typer.Option(..., help="Aligned (SFT+PPRL) pipeline folder."),
+    distilled: Path = typer.Option(..., help="Distilled pipeline folder (the merged folders take its scheduler, VAE, text encoder)."),
+    out: Path = typer.Option(Path("dswm-grid"), "--out", "-o", help="Merged folders, measurements, grid.json/md, best → the chosen folder."),
+    lambdas_align: str = typer.Option("0.5,0.75,1,1.25"),
+    lambdas_distill: str = typer.Option("0.5,0.75,1,1.25"),
+    n: int = typer.Option(48, min=1, help="Selection prompts per seed."),
+    seeds: str = typer.Option("10", help="Selection seeds: not the final table's."),
+    max_iterations: int = typer.Option(6),
+    region_draws: bool = typer.Option(False, help="Region draws in the selection loops."),
+    device: str = typer.Option("auto", help="torch device: auto, cuda, cpu."),
+) -> None:
+    """DSWM λ grid: merge base + λa·(aligned − base) + λd·(distilled − base) for every pair, measure each on
+    a selection set (single step and loop), pick the best loop rate (ties: single step, then λ nearest 1, 1)."""
+    from clvr_agent.cli.common import resolve_device
+    from clvr_agent.errors import MissingDependencyError, UnknownBackendError
+    from clvr_agent.eval.dswm_grid import dswm_grid
+    from clvr_agent.eval.table import TableConfig
+
+    try:
+        cfg = TableConfig(n=n, seeds=tuple(_parse_ints(seeds, "--seeds")), max_iterations=max_iterations,
+                          region_draws=region_draws, colour_shape_seeds=0, edits=0, device=resolve_device(device),
+                          progress=True)
+        grid = dswm_grid(base, aligned, distilled, out, cfg, _parse_floats(lambdas_align, "--lambdas-align"),
+                         _parse_floats(lambdas_distill, "--lambdas-distill"), log=lambda m: typer.echo(m, err=True))
+    except (UnknownBackendError, MissingDependencyError, FileNotFoundError, OSError, ValueError) as exc:
+        fail(str(exc).splitlines()[0])
+    typer.echo((out / "grid.md").read_text())
+    typer.echo(f"chosen: {grid['best']['folder']} (linked as {out / 'best'})")
+
+
 @eval_app.command("controller")
 def eval_controller_cmd(
     controller: str = typer.Option("qwen3-vl", help="Controller under test: qwen3-vl, shapeworld or chat-model."),
