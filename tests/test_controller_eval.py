@@ -31,6 +31,11 @@ def test_the_oracle_agrees_with_itself_and_the_loop_beats_single_step(tmp_path):
     assert (tmp_path / "table.md").read_text().count("\n| ") >= 10
     rows = [json.loads(ln) for ln in (tmp_path / "loops.jsonl").read_text().splitlines()]
     assert {r["mode"] for r in rows} == {"single", "oracle", "learned"} and len(rows) == 36
+    d = s["differences"]
+    assert d["learned - oracle"] == {**d["learned - oracle"], "diff": 0.0, "lo": 0.0, "hi": 0.0}
+    gain = s["loops"]["oracle"]["overall"] - s["loops"]["single"]["overall"]
+    assert abs(d["oracle - single"]["diff"] - gain) < 1e-9 and d["oracle - single"]["lo"] <= gain <= d["oracle - single"]["hi"]
+    assert d["oracle - single"]["n"] == 12 and "| oracle - single |" in (tmp_path / "table.md").read_text()
 
 
 def test_a_controller_that_always_says_satisfied_is_caught(tmp_path):
@@ -42,6 +47,8 @@ def test_a_controller_that_always_says_satisfied_is_caught(tmp_path):
     # it stops after the first canvas: one iteration per prompt, and no better than single step
     assert s["loops"]["learned"]["mean_iterations"] == 1.0
     assert s["loops"]["learned"]["overall"] < s["loops"]["oracle"]["overall"]
+    # paired with single step on the same first canvases: it passes exactly what single step passes
+    assert s["differences"]["learned - single"]["diff"] == 0.0
 
 
 def test_cli_rejects_more_call_prompts_than_prompts(tmp_path):

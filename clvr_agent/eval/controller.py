@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from clvr_agent.eval.rules import TAGS
+from clvr_agent.eval.stats import paired_bootstrap
 from clvr_agent.errors import ControllerOutputError
 from clvr_agent.tools.conversation import ControllerCall
 from clvr_agent.types import Correction, ExecutorRequest, PassiveCheck, Plan, Verdict
@@ -197,12 +198,22 @@ def eval_controller(controller, name: str, n: int = 300, calls_n: int = 60, seed
                        for t in sorted({r["tier"] for r in learned})}
     summary = {"controller": name, "backend": backend, "n": n, "calls_n": calls_n, "seed": seed,
                "max_iterations": max_iterations, "loops": loops, "learned_pass_by_tier": learned_by_tier,
-               "calls": _call_summary(call_rows)}
+               "differences": loop_differences(single, oracle_rows, learned), "calls": _call_summary(call_rows)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "loops.jsonl").write_text("".join(json.dumps(r) + "\n" for r in single + oracle_rows + learned))
     (out / "calls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in call_rows))
     (out / "table.md").write_text(markdown_table(summary))
     return summary
+
+
+def loop_differences(single: list[dict], oracle: list[dict], learned: list[dict]) -> dict:
+    """Paired bootstrap 95 % intervals (by prompt, 2,000 resamples, seed 0) of the overall pass rate's
+    differences: learned − single, oracle − single, learned − oracle. Single step draws with the loops'
+    first-step seed, so the three modes share each prompt's first canvas."""
+    passed = lambda rows: [float(r["passed"]) for r in sorted(rows, key=lambda r: r["index"])]  # noqa: E731
+    s, o, lr = passed(single), passed(oracle), passed(learned)
+    return {"learned - single": paired_bootstrap(s, lr), "oracle - single": paired_bootstrap(s, o),
+            "learned - oracle": paired_bootstrap(o, lr)}
 
 
 def _f(v) -> str:
@@ -222,6 +233,10 @@ def markdown_table(s: dict) -> str:
         row = loops[mode]
         lines.append(f"| {mode} | {_f(row['overall'])} | " + " | ".join(_f(row['per_tag'].get(t)) for t in TAGS)
                      + f" | {_f(row['mean_iterations'])} |")
+    diffs = s.get("differences", {})
+    if diffs:
+        lines += ["", "| difference (paired by prompt) | overall | 95 % CI |", "|---|---|---|"]
+        lines += [f"| {k} | {d['diff']:+.3f} | [{d['lo']:+.3f}, {d['hi']:+.3f}] |" for k, d in diffs.items()]
     lines += [
         "",
         "| call metric | value |",
