@@ -64,3 +64,26 @@ def test_ship_vlm_exports_a_checkpoint_onto_a_shipped_folder(tmp_path):
     out, _ = load_qwen3_vl(str(tmp_path / "out"), torch_dtype="float32", device="cpu")
     for n, p in out.named_parameters():
         assert torch.equal(p, trained[n]), n
+
+
+def test_balance_calls_keeps_every_failure_and_as_many_satisfied_verdicts(tmp_path):
+    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
+    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
+    from clvr_agent.training.sft_vlm import load_calls
+    from clvr_agent.training.synth import SynthConfig, synthesize
+
+    synthesize(SynthConfig(out=str(tmp_path / "syn"), n=24, seed=5, record_calls=True, progress=False),
+               ShapeWorldExecutor(), ShapeWorldController())
+    res = _run(str(SCRIPTS / "balance_calls.py"), str(tmp_path / "bal"), str(tmp_path / "syn"), "--plans", "3",
+               "--correct-repeat", "2")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "bal" / "balance.json").read_text())
+    read, written = report["read"], report["written"]
+    assert read["verify:met"] > read["verify:unmet"] > 0  # the raw mix is mostly satisfied
+    assert written["verify:met"] == written["verify:unmet"] == read["verify:unmet"]
+    assert written["check:missed"] == read.get("check:missed", 0) and written["plan"] == 3
+    assert written["correct"] == 2 * read["correct"]
+    calls = load_calls(tmp_path / "bal")  # sft-vlm reads the folder in place: every image path is absolute and exists
+    assert len(calls) == sum(written.values()) and all(Path(c.image.path).is_file() for c in calls if c.image)
+    missing = _run(str(SCRIPTS / "balance_calls.py"), str(tmp_path / "b2"), str(tmp_path / "nothing"))
+    assert missing.returncode != 0 and "holds no calls-*.jsonl" in missing.stderr

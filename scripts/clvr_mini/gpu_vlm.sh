@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # clvr-mini-vlm's training stages on one lent accelerator, in at most 9 minutes (not yet run on one).
 #
-# The CPU recipe (README, "A learned controller"; h18): the data engine on the default and on a harsher
+# The CPU recipe (README, "A learned controller"; h18, h18b): the data engine on the default and on a harsher
 # simulated executor (more failing canvases), extra teacher plans, then a curriculum: stage A on plan calls
 # only (copying the prompt's words into the checklist emerges there: on the CPU at ~800-1000 steps of
 # batch 32), stage B on every call. `clvr train sft-vlm` shares each micro-batch's system text (one
@@ -33,7 +33,11 @@ timeout 100 clvr train sft-vlm --data "$W/data/plans" --model "$INIT" --out "$W/
   --max-steps 20000 --batch-size 64 --learning-rate 2e-3 --warmup-steps 20 --image-size 128 --checkpoint-every 100 \
   --max-length 4096 --mixed-precision bf16 --seed 3 || true
 python "$HERE/ship_vlm.py" "$INIT" "$(ls -d "$W"/run_a/checkpoints/step-* | tail -1)" "$W/ship_a" --note "gpu_vlm.sh stage A"
-timeout 150 clvr train sft-vlm --data "$W/data" --model "$W/ship_a" --out "$W/run_b" --train-vision \
+# stage B's data: every failure and correction, as many satisfied verdicts as unmet ones (h18b: a student
+# trained on the raw mix, 1 unmet verdict in 4, called every first canvas satisfied)
+python "$HERE/balance_calls.py" "$W/data_b" "$W"/data/tiers "$W"/data/geneval "$W"/data/harsh_tiers "$W"/data/harsh_geneval \
+  "$W"/data/plans --plans 6000 --correct-repeat 1
+timeout 150 clvr train sft-vlm --data "$W/data_b" --model "$W/ship_a" --out "$W/run_b" --train-vision --lr-scheduler cosine \
   --max-steps 20000 --batch-size 32 --learning-rate 1.5e-3 --warmup-steps 20 --image-size 128 --checkpoint-every 100 \
   --max-length 4096 --mixed-precision bf16 --seed 4 || true
 ckpt=$(ls -d "$W"/run_b/checkpoints/step-* | tail -1)
