@@ -28,6 +28,13 @@ def test_pairs_and_edit_examples(tmp_path):
         assert all((tmp_path / p).is_file() for p in r["references"] + [r["target"]])
 
 
+def test_prior_prompts_are_prompts_of_the_tags_without_a_target(tmp_path):
+    path = write_dataset(tmp_path, DataConfig(pairs=0, prior_prompts=5, tier_fraction=0.0, tags="two_object,counting", seed=2))
+    recs = [json.loads(ln) for ln in path.read_text().splitlines()]
+    assert len(recs) == 5 and all(r["prior_only"] and "target" not in r and r["tag"] in ("two_object", "counting") for r in recs)
+    assert not list((tmp_path / "img").iterdir())
+
+
 def test_edit_targets_change_only_what_the_instruction_names():
     """Untouched objects keep their shading and the background its noise: outside the boxes of the
     objects the edit removed, moved or added (+2 px: the renderer's 1 px anti-aliasing patch and the

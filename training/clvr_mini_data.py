@@ -11,6 +11,9 @@ Two kinds of record, both ``{"prompt", "references": [png], "target": png}``:
   the same objects, shading and background noise wherever the instruction does not act, so "keep the
   rest" is a pixel copy. A prompt whose canvas is already right asks for no edit and yields none.
 
+and prior-only records ``{"prompt", "prior_only": true}``: a prompt of the same mix with nothing drawn,
+on which SFT regresses only the frozen base's velocity (``prior_weight``), so the base keeps drawing it.
+
 Canvases are rendered at ShapeWorld's 256 px (the detector's scale, so the repair instructions are
 the ones the loop would issue) and stored downscaled to ``size`` px.
 """
@@ -43,6 +46,7 @@ class DataConfig:
 
     pairs: int = 4000
     edits: int = 0
+    prior_prompts: int = 0  # prior-only records: prompts of the same mix (tier_fraction, tags), no target
     size: int = 128  # stored side in pixels; the trainer resizes to its own resolution
     tier_fraction: float = 0.3  # share of text→image prompts from the tier generator (rest: GenEval tags)
     max_tier: int = 6
@@ -55,8 +59,8 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.pairs < 0 or self.edits < 0 or self.pairs + self.edits == 0:
-            raise ValueError("pairs and edits must be ≥ 0 and not both 0")
+        if min(self.pairs, self.edits, self.prior_prompts) < 0 or self.pairs + self.edits + self.prior_prompts == 0:
+            raise ValueError("pairs, edits and prior_prompts must be ≥ 0 and not all 0")
         if not 0.0 <= self.tier_fraction <= 1.0:
             raise ValueError(f"tier_fraction must be in [0, 1], got {self.tier_fraction}")
         if not 1 <= self.max_tier <= 10:
@@ -220,6 +224,9 @@ def write_dataset(out_dir: str | Path, cfg: DataConfig) -> Path:
         records.append({"prompt": ex.prompt, "references": refs, "target": save(ex.target, f"e{made:06d}t.png"),
                         "tag": "edit", "instruction": ex.instruction, "ops": ex.ops})
         made += 1
+    for _ in range(cfg.prior_prompts):
+        line = sample_line(rng, cfg.tier_fraction, cfg.max_tier, cfg.tag_list)
+        records.append({"prompt": line["prompt"], "prior_only": True, "tag": line["tag"]})
     path = out / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

@@ -53,7 +53,8 @@ class SFTDiffusionConfig(TrainConfig):
     set_bn_stats: bool = field(default=True, metadata={"help": "Before training, set the VAE's latent BN statistics from bn_stats_samples targets."})
     bn_stats_samples: int = field(default=256, metadata={"help": "Targets used for the latent BN statistics."})
     bn_momentum: float = field(default=0.01, metadata={"help": "EMA momentum of the latent BN statistics while the VAE trains."})
-    prior_weight: float = field(default=0.0, metadata={"help": "Prior preservation: on every text-to-image example of a batch (no reference canvases) add this weight × the MSE to the frozen base transformer's velocity at the same noisy input (a LoRA's disabled adapter, or a frozen copy of the initial transformer for a full fine-tune); the share is the data's text-to-image share. 0 = off."})
+    prior_weight: float = field(default=0.0, metadata={"help": "Prior preservation: on every text-to-image example of a batch (no reference canvases) add this weight × the MSE to the frozen base transformer's velocity at the same noisy input (a LoRA's disabled adapter, or a frozen copy of the initial transformer for a full fine-tune); the share is the data's text-to-image share. Prior-only records (a prompt, no target) add this term alone. 0 = off."})
+    prior_sample_steps: int = field(default=8, metadata={"help": "Euler steps (no CFG) of the frozen base's own draw of a prior-only example's prompt; the prior is regressed at that draw, noised to the example's σ."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -61,6 +62,8 @@ class SFTDiffusionConfig(TrainConfig):
         self.check_batch(self.batch_size, self.gradient_accumulation_steps)
         if not (self.prior_weight >= 0 and math.isfinite(self.prior_weight)):
             raise ValueError(f"prior_weight must be a finite number ≥ 0 (0 = off; 0.5–2 keeps the base's drawing), got {self.prior_weight}")
+        if self.prior_sample_steps < 1:
+            raise ValueError(f"prior_sample_steps must be ≥ 1 (8 is a recognisable draw for clvr-mini), got {self.prior_sample_steps}")
         if self.prior_weight > 0 and (self.train_text_encoder or self.train_vae or not self.train_transformer):
             raise ValueError("prior_weight regresses the frozen base transformer's velocity on the base's text and latents: "
                              "train the transformer only (drop train_text_encoder and train_vae) or set prior_weight 0")

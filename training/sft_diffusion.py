@@ -1,7 +1,9 @@
 """Diffusion trajectory SFT: flow matching for FLUX.2 [klein] on (accumulated prompt, references, target).
 
 Each example asks the model to draw the target canvas from the accumulated prompt with up to three earlier
-canvases as reference tokens, exactly what the executor asks at each step of the loop. The transformer,
+canvases as reference tokens, exactly what the executor asks at each step of the loop. A prior-only example
+(a prompt, no target) asks nothing new: its loss is the prior term alone, so the base's drawing of prompts
+the data does not render (e.g. the loop's own multi-object prompts) is held in place. The transformer,
 the text encoder and the VAE (reconstruction loss) can each be trained; the transformer fully or with LoRA.
 Single process or ``accelerate launch`` (DDP) with no change.
 """
@@ -32,12 +34,13 @@ from clvr_agent.seeds import derive_seed
 class SFTExample:
     prompt: str
     references: list[str]
-    target: str
+    target: Optional[str]  # None: a prior-only example (loss = prior_weight × MSE to the base's velocity)
     crop: Optional[tuple[int, int, int, int]] = None  # (x0, y0, x1, y1) of the target the example draws; None = all
 
 
 class SFTDiffusionDataset:
-    """Examples from a JSONL of ``{"prompt", "references": [png], "target": png}`` or trajectory records.
+    """Examples from a JSONL of ``{"prompt", "references": [png], "target": png}``, prior-only records
+    ``{"prompt", "prior_only": true}`` (no references, no target) or trajectory records.
 
     A trajectory record (``clvr_agent.types.Trajectory``) yields one example per step that drew a canvas,
     executed (passive check) and was accepted: ``(request.accumulated_prompt, request.references, canvas)``.
@@ -76,6 +79,10 @@ class SFTDiffusionDataset:
             kept = [s for s in traj.steps
                     if s.canvas is not None and s.accepted and s.error is None and (s.passive is None or s.passive.executed)]
             return [SFTDiffusionDataset._step_example(s, res) for s in kept]
+        if rec.get("prior_only"):
+            if rec.get("references") or rec.get("target"):
+                raise ValueError("a prior_only record is a prompt alone: drop its references and target")
+            return [SFTExample(str(rec["prompt"]), [], None)]
         return [SFTExample(str(rec["prompt"]), [res(p) for p in rec.get("references", [])], res(rec["target"]))]
 
     @staticmethod
@@ -104,6 +111,8 @@ class SFTDiffusionTrainer:
                  warmup_steps=config.warmup_steps, betas=(config.adam_beta1, config.adam_beta2))
         self.history: list[dict] = []
         self._perms: dict[int, list[int]] = {}
+        if config.prior_weight == 0 and any(e.target is None for e in dataset.examples):
+            raise ValueError("the data holds prior_only records, whose only loss is the prior term: set prior_weight > 0")
         # Prior preservation's reference: a LoRA's base is the adapter switched off; a full fine-tune keeps
         # a frozen copy of the transformer as loaded (before any step, so also the base on resume).
         self.base_transformer = None
@@ -144,10 +153,10 @@ class SFTDiffusionTrainer:
 
     @torch.no_grad()
     def set_bn_stats_from_data(self) -> None:
-        n = min(self.cfg.bn_stats_samples, len(self.dataset))
+        drawn = [e for e in self.dataset.examples if e.target is not None][: self.cfg.bn_stats_samples]
         batches = (
-            fm.to_pixels(self.pipe, [self._open(self.dataset[i].target, self.dataset[i].crop) for i in range(s, min(s + 16, n))], self.cfg.height, self.cfg.width)
-            for s in range(0, n, 16)
+            fm.to_pixels(self.pipe, [self._open(e.target, e.crop) for e in drawn[s : s + 16]], self.cfg.height, self.cfg.width)
+            for s in range(0, len(drawn), 16)
         )
         fm.set_latent_bn_stats(self.pipe.vae, *fm.latent_bn_stats(self.pipe, batches))
 
@@ -164,7 +173,14 @@ class SFTDiffusionTrainer:
         prompts = ["" if d else e.prompt for e, d in zip(examples, drop)]
         total, logs, raws = 0.0, {}, []
         groups: dict[int, list[int]] = {}
+        prior_only = [i for i, e in enumerate(examples) if e.target is None]
+        if prior_only:
+            prior = self.prior_only_loss([prompts[i] for i in prior_only], [gens[i] for i in prior_only])
+            total = total + cfg.prior_weight * prior * len(prior_only) / len(examples)
+            logs["prior_only"] = prior.item()
         for i, e in enumerate(examples):
+            if e.target is None:
+                continue
             groups.setdefault(min(len(e.references), cfg.max_references), []).append(i)
         for k, idx in sorted(groups.items()):
             targets = fm.to_pixels(pipe, [self._open(examples[i].target, examples[i].crop) for i in idx], cfg.height, cfg.width)
@@ -206,19 +222,47 @@ class SFTDiffusionTrainer:
             self._update_bn(torch.cat(raws))
         return total, logs
 
+    def prior_only_loss(self, prompts: Sequence[str], gens: Sequence[torch.Generator]) -> torch.Tensor:
+        """MSE to the base's velocity on prompts without a target, at the base's own draws of them, noised.
+
+        The base draws each prompt (``prior_sample_steps`` Euler steps from the example's noise, no CFG),
+        so the prior is regressed on canvases of the distribution the model samples, not on the data's.
+        """
+        cfg, pipe = self.cfg, self.pipe
+        embeds, text_ids = fm.encode_text(pipe, list(prompts), max_sequence_length=cfg.max_sequence_length or prompt_max_length(pipe))
+        cond = fm.Condition(embeds, text_ids)
+        start = [fm.noise_tokens(pipe, 1, cfg.height, cfg.width, g) for g in gens]
+        x1, x_ids = torch.cat([t for t, _ in start]), start[0][1].expand(len(gens), -1, -1)  # (B, h·w, 4C)
+        with torch.no_grad(), self._base() as base:
+            states, _ = fm.sample_flow(base, x1, x_ids, cond, fm.inference_sigmas(pipe, cfg.prior_sample_steps, x1.shape[1]))
+        x0 = states[:, -1]
+        sigma = torch.cat([fm.sample_sigmas(1, mean=cfg.logit_mean, std=cfg.logit_std, shift=cfg.timestep_shift,
+                                            generator=g) for g in gens]).to(x0.device)
+        noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=g) for g in gens]).to(x0)
+        x_t, _ = fm.noisy_target(x0, noise, sigma)
+        with self.accelerator.autocast():
+            pred = fm.transformer_forward(self.run.get("transformer", pipe.transformer), x_t, x_ids, sigma, cond)
+        return fm.flow_matching_loss(pred, self.base_velocity(x_t, x_ids, sigma, cond), x0.shape[1])
+
+    @contextlib.contextmanager
+    def _base(self):
+        """The frozen base transformer: the copy of a full fine-tune, or the LoRA's transformer with its adapter off."""
+        if self.base_transformer is not None:
+            yield self.base_transformer
+            return
+        transformer = self.run["transformer"]
+        plain = self.accelerator.unwrap_model(transformer)  # adapters switch on the module, not its wrapper
+        plain.disable_adapters()
+        try:
+            yield transformer
+        finally:
+            plain.enable_adapters()
+
     @torch.no_grad()
     def base_velocity(self, x_t: torch.Tensor, x_ids: torch.Tensor, sigma: torch.Tensor, cond: fm.Condition) -> torch.Tensor:
         """The frozen base transformer's velocity on the target tokens, ``(B, N_t, C)``."""
-        with self.accelerator.autocast():
-            if self.base_transformer is not None:
-                return fm.velocity(self.base_transformer, x_t, x_ids, sigma, cond)
-            transformer = self.run["transformer"]
-            plain = self.accelerator.unwrap_model(transformer)  # adapters switch on the module, not its wrapper
-            plain.disable_adapters()
-            try:
-                return fm.velocity(transformer, x_t, x_ids, sigma, cond)
-            finally:
-                plain.enable_adapters()
+        with self.accelerator.autocast(), self._base() as base:
+            return fm.velocity(base, x_t, x_ids, sigma, cond)
 
     @torch.no_grad()
     def _update_bn(self, raw: torch.Tensor) -> None:
