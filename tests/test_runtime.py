@@ -154,9 +154,10 @@ def test_cancelling_an_async_run_stops_its_executor(tmp_path):
     from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
 
     class Watched(ShapeWorldExecutor):
-        ended = None
+        started, ended = threading.Event(), None
 
         def generate(self, *a, **kw):
+            Watched.started.set()
             try:
                 return super().generate(*a, **kw)
             finally:
@@ -167,7 +168,11 @@ def test_cancelling_an_async_run_stops_its_executor(tmp_path):
 
     async def main():
         task = asyncio.ensure_future(run.ainvoke({"prompt": PROMPT}))
-        await asyncio.sleep(1.0)
+        deadline = time.monotonic() + 60  # cancel while the draw is in flight, however slow the plan node is here
+        while not Watched.started.is_set():
+            assert time.monotonic() < deadline, "the executor never started drawing"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
         t0 = time.monotonic()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
