@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -18,8 +17,8 @@ from clvr_agent.tools.shapeworld.render import render
 from clvr_agent.tools.shapeworld.world import Obj, Scene
 from clvr_agent.training.pprl_data import LoopState, ProxyPrompt, load_loop_states, plain_proxy, split_heldout
 
-H = W = 16
-SEQ = 64
+from tests._pprl import SEQ, H, W, brightness, pprl_config
+
 CIRCLE, SQUARE, STAR = (30, 100, 50), (170, 100, 50), (100, 20, 40)  # x0, y0, size on the 256 px canvas
 USER = "a photo of a red circle, a blue square and a green star"
 
@@ -182,18 +181,6 @@ def test_loop_states_are_the_executor_calls_the_loop_made(synth_folder):
 # ------------------------------------------------------------------------------------------ the trainer
 
 
-def _brightness(images, proxies):
-    return [float(np.asarray(im, dtype=np.float32).mean() / 255) for im in images]
-
-
-def _config(tmp_path, **kw):
-    from clvr_agent.training.pprl import PPRLConfig
-
-    base = dict(output_dir=str(tmp_path / "pprl"), height=H, width=W, num_steps=3, group_size=4, groups_per_step=2,
-                lora_rank=4, max_sequence_length=SEQ, text_weight=1.0, checkpoint_every=0, log_every=0)
-    return PPRLConfig(**{**base, **kw})
-
-
 def _pipe():
     from clvr_agent.tools.tiny import build_tiny_flux2_klein
 
@@ -203,8 +190,8 @@ def _pipe():
 def test_ppo_epochs_take_the_policy_off_policy_so_the_clip_acts(tmp_path):
     from clvr_agent.training.pprl import PPRLTrainer
 
-    cfg = _config(tmp_path, ppo_epochs=3, learning_rate=1e-2, clip_range=1e-4)
-    tr = PPRLTrainer(_pipe(), cfg, ["a red circle", "a blue square"], _brightness)
+    cfg = pprl_config(tmp_path, ppo_epochs=3, learning_rate=1e-2, clip_range=1e-4)
+    tr = PPRLTrainer(_pipe(), cfg, ["a red circle", "a blue square"], brightness)
     rollouts = [tr.rollout(0), tr.rollout(1)]
     tr.advantages(rollouts)
     first = [tr.policy_loss(ro, scale=0.5) for ro in rollouts]
@@ -213,11 +200,11 @@ def test_ppo_epochs_take_the_policy_off_policy_so_the_clip_acts(tmp_path):
     second = [tr.policy_loss(ro, backward=False) for ro in rollouts]
     assert all((s["ratios"] - 1).abs().max() > cfg.clip_range and s["clip_frac"] > 0 for s in second)
 
-    history = PPRLTrainer(_pipe(), _config(tmp_path / "b", max_steps=2, ppo_epochs=3, learning_rate=1e-2,
-                                           clip_range=1e-4), ["a red circle", "a blue square"], _brightness).train()
+    history = PPRLTrainer(_pipe(), pprl_config(tmp_path / "b", max_steps=2, ppo_epochs=3, learning_rate=1e-2,
+                                           clip_range=1e-4), ["a red circle", "a blue square"], brightness).train()
     assert all(h["clip_frac"] > 0 and h["ratio_dev_last"] > 1e-4 for h in history)
-    one = PPRLTrainer(_pipe(), _config(tmp_path / "c", max_steps=2, learning_rate=1e-2),
-                      ["a red circle", "a blue square"], _brightness).train()
+    one = PPRLTrainer(_pipe(), pprl_config(tmp_path / "c", max_steps=2, learning_rate=1e-2),
+                      ["a red circle", "a blue square"], brightness).train()
     assert all(h["clip_frac"] == 0.0 and h["ratio_mean"] == 1.0 for h in one)  # one epoch: on-policy
 
 
@@ -225,8 +212,8 @@ def test_ppo_epochs_take_the_policy_off_policy_so_the_clip_acts(tmp_path):
 def test_kl_to_the_reference_model_starts_at_zero_and_grows(tmp_path, lora_rank, lr):
     from clvr_agent.training.pprl import PPRLTrainer
 
-    cfg = _config(tmp_path, max_steps=4, lora_rank=lora_rank, learning_rate=lr, kl_coef=0.1, clip_range=1e-2)
-    tr = PPRLTrainer(_pipe(), cfg, ["a red circle", "a blue square"], _brightness)
+    cfg = pprl_config(tmp_path, max_steps=4, lora_rank=lora_rank, learning_rate=lr, kl_coef=0.1, clip_range=1e-2)
+    tr = PPRLTrainer(_pipe(), cfg, ["a red circle", "a blue square"], brightness)
     assert (tr.ref_model is None) == (lora_rank > 0)  # LoRA: the disabled adapter; full: a frozen copy
     kl = [h["kl"] for h in tr.train()]
     assert kl[0] == 0.0 and 0 < kl[1] < kl[-1], kl
@@ -239,7 +226,7 @@ def test_trainer_conditions_on_the_loop_state_and_logs_a_held_out_curve(tmp_path
     train, held = split_heldout(load_loop_states(synth_folder), 2)
     edit = next(i for i, s in enumerate(train) if s.mode == "edit")
     train = [train[edit], next(s for s in train if s.mode == "generate")]
-    cfg = _config(tmp_path, max_steps=2, text_weight=0.5, eval_every=1, eval_group_size=2, groups_per_step=2)
+    cfg = pprl_config(tmp_path, max_steps=2, text_weight=0.5, eval_every=1, eval_group_size=2, groups_per_step=2)
     tr = PPRLTrainer(_pipe(), cfg, train, shapeworld_reward, preservation_reward, ShapeWorldTeacher(), heldout=held)
     cond, _ = tr.condition(0)
     assert cond.ref_tokens is not None and cond.ref_tokens.shape[1] == len(train[0].references) * 16
@@ -262,11 +249,11 @@ def test_pprl_config_and_trainer_errors_say_how_to_fix(tmp_path):
     with pytest.raises(ValueError, match="eval_every must be ≥ 0"):
         PPRLConfig(eval_every=-1)
     with pytest.raises(ValueError, match="needs held-out contexts"):
-        PPRLTrainer(_pipe(), _config(tmp_path, eval_every=2), ["a red circle"], _brightness)
+        PPRLTrainer(_pipe(), pprl_config(tmp_path, eval_every=2), ["a red circle"], brightness)
     with pytest.raises(ValueError, match="set eval_every"):
-        PPRLTrainer(_pipe(), _config(tmp_path), ["a red circle"], _brightness, heldout=["a blue square"])
+        PPRLTrainer(_pipe(), pprl_config(tmp_path), ["a red circle"], brightness, heldout=["a blue square"])
     with pytest.raises(ValueError, match="pass one"):
-        PPRLTrainer(_pipe(), _config(tmp_path, text_weight=0.5), ["a red circle"], _brightness)
+        PPRLTrainer(_pipe(), pprl_config(tmp_path, text_weight=0.5), ["a red circle"], brightness)
     with pytest.raises(ValueError, match="drop region draws"):
         LoopState(prompt="a", mode="inpaint")
 

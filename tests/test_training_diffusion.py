@@ -15,8 +15,8 @@ from PIL import Image
 from clvr_agent.tools.tiny import build_tiny_flux2_klein
 from clvr_agent.training import flow_matching as fm
 
-H = W = 16  # tiny VAE downsamples by 2 and packs 2×2: 16 px -> 4×4 = 16 target tokens
-SEQ = 64  # byte-level tokenizer: the chat template alone is ~35 tokens
+from tests._pprl import SEQ, H, W, brightness, pprl_config
+
 
 
 @pytest.fixture(autouse=True)
@@ -371,18 +371,6 @@ def test_distill_student_approaches_teacher_and_saves_distilled(tmp_path):
 # ------------------------------------------------------------------------------------------------- PPRL
 
 
-def _brightness(images, proxies):
-    return [float(np.asarray(im, dtype=np.float32).mean() / 255) for im in images]
-
-
-def _pprl_config(tmp_path, **kw):
-    from clvr_agent.training.pprl import PPRLConfig
-
-    base = dict(output_dir=str(tmp_path / "pprl"), height=H, width=W, num_steps=3, group_size=4, groups_per_step=2,
-                lora_rank=4, max_sequence_length=SEQ, text_weight=1.0, checkpoint_every=0, log_every=0)
-    return PPRLConfig(**{**base, **kw})
-
-
 def test_sde_sampler_with_zero_noise_is_the_pipeline_sampler():
     pipe = _pipe(distilled=False)
     noise = fm.initial_noise(pipe, 1, H, W, torch.Generator().manual_seed(0))
@@ -432,8 +420,8 @@ def test_flow_grpo_scheduler_steps_like_euler_at_zero_noise_and_scores_its_sampl
 def test_pprl_on_policy_ratio_is_exactly_one(tmp_path):
     from clvr_agent.training.pprl import PPRLTrainer
 
-    cfg = _pprl_config(tmp_path, num_steps=4, guidance_scale=3.0, kl_coef=0.1)
-    tr = PPRLTrainer(_pipe(), cfg, ["a red circle", "a blue square"], _brightness)
+    cfg = pprl_config(tmp_path, num_steps=4, guidance_scale=3.0, kl_coef=0.1)
+    tr = PPRLTrainer(_pipe(), cfg, ["a red circle", "a blue square"], brightness)
     rollouts = [tr.rollout(0), tr.rollout(1)]
     tr.advantages(rollouts)
     for ro in rollouts:
@@ -451,12 +439,12 @@ def test_pprl_resume_replays_the_same_rollouts(tmp_path):
     from clvr_agent.training.pprl import PPRLTrainer
 
     prompts = ["a red circle", "a blue square"]
-    cfg = _pprl_config(tmp_path, max_steps=2, checkpoint_every=1, lr_scheduler="linear", learning_rate=1e-2)
-    straight = PPRLTrainer(_pipe(), cfg, prompts, _brightness)
+    cfg = pprl_config(tmp_path, max_steps=2, checkpoint_every=1, lr_scheduler="linear", learning_rate=1e-2)
+    straight = PPRLTrainer(_pipe(), cfg, prompts, brightness)
     straight.train()
     shutil.rmtree(tmp_path / "pprl" / "checkpoints" / "step-0000002")
-    resumed = PPRLTrainer(_pipe(), _pprl_config(tmp_path, max_steps=2, checkpoint_every=1, lr_scheduler="linear",
-                                                learning_rate=1e-2, resume=True), prompts, _brightness)
+    resumed = PPRLTrainer(_pipe(), pprl_config(tmp_path, max_steps=2, checkpoint_every=1, lr_scheduler="linear",
+                                                learning_rate=1e-2, resume=True), prompts, brightness)
     (rec,) = resumed.train()  # the sampling noise continues from the checkpointed generator
     want = straight.history[1]
     assert rec["step"] == 2 and rec["lr"] == want["lr"] == 5e-3
@@ -466,8 +454,8 @@ def test_pprl_resume_replays_the_same_rollouts(tmp_path):
 def test_pprl_raises_a_toy_reward(tmp_path):
     from clvr_agent.training.pprl import PPRLTrainer
 
-    cfg = _pprl_config(tmp_path, max_steps=30, learning_rate=1e-2, clip_range=1e-2)
-    tr = PPRLTrainer(_pipe(), cfg, ["a red circle", "a blue square"], _brightness)
+    cfg = pprl_config(tmp_path, max_steps=30, learning_rate=1e-2, clip_range=1e-2)
+    tr = PPRLTrainer(_pipe(), cfg, ["a red circle", "a blue square"], brightness)
     history = tr.train()
     r = [h["reward_mean"] for h in history]
     assert all(h["ratio_mean"] == 1.0 for h in history)  # one optimizer step per rollout: on-policy

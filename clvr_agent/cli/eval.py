@@ -95,11 +95,13 @@ def eval_edits_cmd(
     typer.echo(f"wrote {out / 'summary.json'} and {out / 'table.md'}")
 
 
-def _parse_ints(text: str, flag: str) -> list[int]:
+def _parse_list(text: str, flag: str, kind: type = int) -> list:
+    """A comma-separated CLI list of ints or floats; a clear error naming the flag otherwise."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        fail(f"{flag} {text!r}: expected a comma-separated list of integers, e.g. 1,2")
+        example = "1,2" if kind is int else "0.5,0.75,1,1.25"
+        fail(f"{flag} {text!r}: expected a comma-separated list of {'integers' if kind is int else 'numbers'}, e.g. {example}")
 
 
 @eval_app.command("table")
@@ -128,7 +130,7 @@ def eval_table_cmd(
     if not spec.is_file():
         fail(f"--spec {spec} is not a file")
     try:
-        cfg = TableConfig(n=n, seeds=tuple(_parse_ints(seeds, "--seeds")), max_iterations=max_iterations,
+        cfg = TableConfig(n=n, seeds=tuple(_parse_list(seeds, "--seeds")), max_iterations=max_iterations,
                           region_draws=region_draws, colour_shape_seeds=colour_shape_seeds, edits=edits,
                           probe_tiers=tuple(_parse_tiers(probe_tiers)), per_tier=per_tier,
                           device=resolve_device(device), resamples=resamples, progress=True)
@@ -137,13 +139,6 @@ def eval_table_cmd(
         fail(str(exc).splitlines()[0])
     typer.echo((out / "table.md").read_text())
     typer.echo(f"wrote {out / 'table.json'}, {out / 'table.md'} and {out / 'table.png'}")
-
-
-def _parse_floats(text: str, flag: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        fail(f"{flag} {text!r}: expected a comma-separated list of numbers, e.g. 0.5,0.75,1,1.25")
 
 
 @eval_app.command("dswm-grid")
@@ -168,11 +163,11 @@ def eval_dswm_grid_cmd(
     from clvr_agent.eval.table import TableConfig
 
     try:
-        cfg = TableConfig(n=n, seeds=tuple(_parse_ints(seeds, "--seeds")), max_iterations=max_iterations,
+        cfg = TableConfig(n=n, seeds=tuple(_parse_list(seeds, "--seeds")), max_iterations=max_iterations,
                           region_draws=region_draws, colour_shape_seeds=0, edits=0, device=resolve_device(device),
                           progress=True)
-        grid = dswm_grid(base, aligned, distilled, out, cfg, _parse_floats(lambdas_align, "--lambdas-align"),
-                         _parse_floats(lambdas_distill, "--lambdas-distill"), log=lambda m: typer.echo(m, err=True))
+        grid = dswm_grid(base, aligned, distilled, out, cfg, _parse_list(lambdas_align, "--lambdas-align", float),
+                         _parse_list(lambdas_distill, "--lambdas-distill", float), log=lambda m: typer.echo(m, err=True))
     except (UnknownBackendError, MissingDependencyError, FileNotFoundError, OSError, ValueError) as exc:
         fail(str(exc).splitlines()[0])
     typer.echo((out / "grid.md").read_text())
@@ -207,8 +202,8 @@ def eval_controller_cmd(
         models = model_choice(backend=backend, controller=controller, vlm=vlm, base_url=base_url,
                               model_name=model_name, dtype=dtype, device=device)
         ctl = get_controller(controller, **models.controller_options)
-        summary = eval_controller(ctl, vlm or controller, n=n, calls_n=calls_n, seed=seed, out_dir=out,
-                                  backend=backend, max_iterations=max_iterations)
+        eval_controller(ctl, vlm or controller, n=n, calls_n=calls_n, seed=seed, out_dir=out,
+                        backend=backend, max_iterations=max_iterations)
     except (UnknownBackendError, MissingDependencyError, FileNotFoundError, OSError, ValueError) as exc:
         fail(str(exc).splitlines()[0])
     typer.echo((out / "table.md").read_text())
