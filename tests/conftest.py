@@ -37,3 +37,14 @@ def tiny_klein_dir(tiny_klein, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-klein")
     tiny_klein.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models are overhead-bound; one intra-op thread is faster and steadier on a shared CPU."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -23,12 +23,7 @@ CIRCLE, SQUARE, STAR = (30, 100, 50), (170, 100, 50), (100, 20, 40)  # x0, y0, s
 USER = "a photo of a red circle, a blue square and a green star"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _scene(circle=CIRCLE, star=True, circle_color="red"):
