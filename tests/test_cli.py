@@ -115,3 +115,22 @@ def test_backend_without_its_packages_exits_2_naming_the_extra(tmp_path, monkeyp
         assert res.exit_code == 2, res.output
         assert "pip install 'clvr-agent[models]'" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "a").exists()  # untouched: the same command runs once the extra is installed
+
+
+def test_eval_shapeworld_runs_a_trained_model_folder(tmp_path, tiny_klein_dir):
+    """`--model` takes the folder a trainer wrote; the summary names it; a missing folder is exit 2 at once."""
+    out = tmp_path / "e"
+    res = clvr("eval", "shapeworld", "--mode", "single", "--n", "2", "--backend", "flux2-klein",
+               "--model", str(tiny_klein_dir), "--height", "16", "--width", "16", "--steps", "2", "--device", "cpu",
+               "--out", str(out))
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["executor_options"]["model"] == str(tiny_klein_dir) and summary["n"] == 2
+    assert summary["request"] == {"steps": 2, "height": 16, "width": 16}
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    for args, message in ((["--backend", "clvr-mini", "--model", str(tmp_path / "missing")], "does not exist"),
+                          (["--model", str(tiny_klein_dir)], "--model is not used by --backend shapeworld"),
+                          (["--controller", "chat-model", "--base-url", "http://x"], "clvr eval controller")):
+        bad = clvr("eval", "shapeworld", "--n", "1", "--out", str(tmp_path / "bad"), *args)
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+    assert not (tmp_path / "bad").exists()

@@ -128,6 +128,7 @@ def model_choice(backend: str, controller: Optional[str] = None, model: Optional
             fail("--backend flux2-klein needs --model (a hub id or a local diffusers folder)")
         ex_opts = {"torch_dtype": dtype, "device": device, "offload": offload}
         if model:
+            check_model_source("--model", model)
             ex_opts["model"] = model
     elif model:
         fail(f"--model is not used by --backend {backend}")

@@ -37,30 +37,37 @@ _REGION_HELP = ("The loop's ShapeWorld controller draws a missing object into a 
 
 
 @eval_app.command("shapeworld")
+@with_model_options
 def eval_shapeworld_cmd(
     mode: str = typer.Option("loop", help="single (one executor call) or loop (the CLVR graph)."),
     n: int = typer.Option(120, min=1, help="Prompts, spread over the six GenEval tags."),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("eval-shapeworld"), "--out", "-o"),
-    backend: str = typer.Option("shapeworld", help="Executor: shapeworld or clvr-mini (any ShapeWorld drawer)."),
     max_iterations: int = typer.Option(8),
-    region_draws: bool = typer.Option(True, help=_REGION_HELP),
     overwrite: bool = typer.Option(False),
+    *,
+    models: ModelChoice,
 ) -> None:
-    """GenEval-style pass rate on ShapeWorld prompts → results.jsonl, summary.json, summary.png."""
+    """GenEval-style pass rate on ShapeWorld prompts → results.jsonl, summary.json, summary.png.
+
+    The executor is any ShapeWorld drawer (shapeworld, clvr-mini with --model a trained folder, flux2-klein);
+    the controller is the exact ShapeWorld one (`clvr eval controller` measures learned controllers)."""
+    from clvr_agent.errors import MissingDependencyError, UnknownBackendError
     from clvr_agent.eval.shapeworld import eval_shapeworld
 
     if mode not in ("single", "loop"):
         fail(f"--mode {mode!r}: choose single or loop")
+    if models.controller not in (None, "shapeworld"):
+        fail(f"--controller {models.controller}: this eval's loop is driven by the ShapeWorld controller; "
+             "use `clvr eval controller` for other controllers")
     _out_ok(out, overwrite)
-    from clvr_agent.errors import MissingDependencyError, UnknownBackendError
-
-    ctl_opts = shapeworld_controller_options(backend, None, region_draws)
+    request = {k: v for k, v in models.request.items() if v is not None}
     try:
-        summary = eval_shapeworld(mode=mode, n=n, seed=seed, out_dir=out, backend=backend, max_iterations=max_iterations,
-                                  controller_options=ctl_opts)
-    except (UnknownBackendError, MissingDependencyError) as exc:
-        fail(str(exc))
+        summary = eval_shapeworld(mode=mode, n=n, seed=seed, out_dir=out, backend=models.backend,
+                                  max_iterations=max_iterations, executor_options=models.executor_options or None,
+                                  controller_options=models.controller_options or None, request=request or None)
+    except (UnknownBackendError, MissingDependencyError, FileNotFoundError, OSError) as exc:
+        fail(str(exc).splitlines()[0])
     typer.echo(json.dumps(summary, indent=2))
 
 
