@@ -1,6 +1,6 @@
 """Write one clvr-mini training mix: the records of several dataset folders, as one JSONL in the first.
 
-Image paths (targets and references) are rewritten relative to the first folder; a folder named twice is included twice (weighting).
+Image paths (targets and references; prior-only records have none) are rewritten relative to the first folder; a folder named twice is included twice (weighting).
 
   python scripts/clvr_mini/mix.py clvr_mini_work data_huge data_huge data_big_focus data_big_t2i
   # -> clvr_mini_work/data_huge/mix.jsonl
@@ -20,8 +20,9 @@ def write_mix(work: Path, into: str, parts: list[str]) -> Path:
         for line in (work / d / "data.jsonl").read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
-                out.append(json.dumps({**rec, "target": pre + rec["target"],
-                                       "references": [pre + r for r in rec.get("references", [])]}))
+                if "target" in rec:  # prior-only records ({"prompt", "prior_only": true}) have no images
+                    rec = {**rec, "target": pre + rec["target"], "references": [pre + r for r in rec.get("references", [])]}
+                out.append(json.dumps(rec))
     path = work / into / "mix.jsonl"
     path.write_text("\n".join(out) + "\n")
     return path
