@@ -46,9 +46,11 @@ rows() {  # rows NAME…: measure each named row of rows.json in its own backgro
 gen() { local d=$1; shift; [ -f "$W/$d/data.jsonl" ] || python -m clvr_agent.training.clvr_mini_data "$W/$d" "$@" > "$W/$d.log" 2>&1 & }
 gen data_edits --pairs 1500 --edits 3000 --min-size 56 --max-size 112 --seed 11
 gen data_centre --pairs 1500 --tier-fraction 0 --tags colors,single_object --centre-single --min-size 96 --max-size 128 --seed 31
+gen data_prior --pairs 0 --prior-prompts 1500 --tier-fraction 0 --seed 12  # prior-only: the base's own velocity
+gen data_prior_lone --pairs 0 --prior-prompts 800 --tier-fraction 0 --tags colors,single_object --seed 13
 gen data_t2i --pairs 1000 --seed 7
 wait
-python "$HERE/mix.py" "$W" data_edits data_centre
+python "$HERE/mix.py" "$W" data_edits data_edits data_centre data_prior data_prior_lone
 python -c "import json,sys; print('\n'.join(json.loads(l)['prompt'] for l in open(sys.argv[1]) if l.strip()))" \
   "$W/data_t2i/data.jsonl" > "$W/distill_prompts.txt"
 say "data"
