@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -354,7 +353,6 @@ def test_native_draw_size_and_canvas_size(tiny_klein, tmp_path):
     """A checkpoint trained at a small native size draws there and hands the loop a larger canvas."""
     import json
 
-    from PIL import Image
 
     from clvr_agent.tools.flux2_klein import Flux2KleinExecutor
     from clvr_agent.types import ExecutorRequest, Region

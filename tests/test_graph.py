@@ -13,7 +13,7 @@ from langgraph.types import Command
 from PIL import Image
 
 from clvr_agent.app.api import build_context, create_clvr
-from clvr_agent.graphs.graph import build_request, route_after_verify, stop_decision
+from clvr_agent.graphs.graph import build_request, route_after_verify
 from clvr_agent.state import ClvrContext, Settings
 from clvr_agent.protocols import GenerationOutput
 from clvr_agent.errors import ControllerOutputError

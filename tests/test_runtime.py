@@ -9,12 +9,10 @@ import uuid
 
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
-from PIL import Image
 
 from clvr_agent import create_clvr
 from clvr_agent.graphs.graph import build_graph
 from clvr_agent.state import ClvrContext, Settings
-from clvr_agent.protocols import GenerationOutput
 from clvr_agent.errors import Cancelled
 from clvr_agent.tools.scripted import ScriptedController
 from tests.test_graph import PixelExecutor

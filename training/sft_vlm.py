@@ -33,10 +33,13 @@ import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 
 from PIL import Image
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:  # torch is imported where it is used, not at import time
+    import torch
 
 from clvr_agent.tools import prompts
 from clvr_agent.tools.conversation import (
