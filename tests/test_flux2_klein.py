@@ -353,7 +353,6 @@ def test_native_draw_size_and_canvas_size(tiny_klein, tmp_path):
     """A checkpoint trained at a small native size draws there and hands the loop a larger canvas."""
     import json
 
-
     from clvr_agent.tools.flux2_klein import Flux2KleinExecutor
     from clvr_agent.types import ExecutorRequest, Region
 

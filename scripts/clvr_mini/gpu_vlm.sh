@@ -30,28 +30,31 @@ python "$HERE/plan_calls.py" "$W/data/plans" --n 40000 --seed 31 --prompts tiers
 python "$HERE/plan_calls.py" "$W/data/plans" --n 6000 --seed 32 --prompts geneval
 wait || true  # a shard stopped by its timeout keeps every prompt it finished
 echo "data: $(cat "$W"/data/*/calls-*.jsonl | wc -l) calls after $(( $(date +%s) - t0 )) s"
-timeout 80 clvr train sft-vlm --data "$W/data/plans" --model "$INIT" --out "$W/run_a" --train-vision \
-  --max-steps 20000 --batch-size 64 --learning-rate 2e-3 --warmup-steps 20 --image-size 128 --checkpoint-every 100 \
-  --max-length 4096 --mixed-precision bf16 --seed 3 || true
-python "$HERE/ship_vlm.py" "$INIT" "$(ls -d "$W"/run_a/checkpoints/step-* | tail -1)" "$W/ship_a" --note "gpu_vlm.sh stage A"
-# stage B's data: every failure and correction, as many satisfied verdicts as unmet ones (h18b: a student
-# trained on the raw mix, 1 unmet verdict in 4, called every first canvas satisfied)
-python "$HERE/balance_calls.py" "$W/data_b" "$W"/data/tiers "$W"/data/geneval "$W"/data/harsh_tiers "$W"/data/harsh_geneval \
-  "$W"/data/plans --plans 6000 --correct-repeat 1
-timeout 120 clvr train sft-vlm --data "$W/data_b" --model "$W/ship_a" --out "$W/run_b" --train-vision --lr-scheduler cosine \
-  --max-steps 20000 --batch-size 32 --learning-rate 1.5e-3 --warmup-steps 20 --image-size 128 --checkpoint-every 100 \
-  --max-length 4096 --mixed-precision bf16 --seed 4 || true
-python "$HERE/ship_vlm.py" "$INIT" "$(ls -d "$W"/run_b/checkpoints/step-* | tail -1)" "$W/ship_b" --note "gpu_vlm.sh stage B"
+# stage NAME DATA INIT SECONDS [sft-vlm flags]: train under a hard timeout, ship the newest checkpoint as ship_NAME
+stage() {
+  local name=$1 data=$2 init=$3 secs=$4; shift 4
+  timeout "$secs" clvr train sft-vlm --data "$data" --model "$init" --out "$W/run_$name" --train-vision \
+    --image-size 128 --checkpoint-every 100 --max-length 4096 --mixed-precision bf16 "$@" || true
+  ckpt=$(ls -d "$W/run_$name"/checkpoints/step-* | tail -1)
+  python "$HERE/ship_vlm.py" "$INIT" "$ckpt" "$W/ship_$name" --note "gpu_vlm.sh stage $name"
+}
+balance() {  # balance OUT PLANS: every failure and correction, as many satisfied verdicts as unmet ones
+  python "$HERE/balance_calls.py" "$1" "$W"/data/tiers "$W"/data/geneval "$W"/data/harsh_tiers "$W"/data/harsh_geneval \
+    "$W"/data/plans --plans "$2" --correct-repeat 1
+}
+stage a "$W/data/plans" "$INIT" 80 --max-steps 20000 --batch-size 64 --learning-rate 2e-3 --warmup-steps 20 --seed 3
+# stage B's data: balanced (h18b: a student trained on the raw mix, 1 unmet verdict in 4, called every first
+# canvas satisfied)
+balance "$W/data_b" 6000
+stage b "$W/data_b" "$W/ship_a" 120 --lr-scheduler cosine --max-steps 20000 --batch-size 32 --learning-rate 1.5e-3 \
+  --warmup-steps 20 --seed 4
 # stage C: the same calls with every distinct teacher plan (a third of the calls instead of an eighth). On the
 # CPU (h18, 2026-12-07) stage B alone ended at plan exact-match 0.24: plans are where the loop breaks, and
 # 600 steps of this mix at constant lr 1e-3, then 500 annealed (cosine), took them to 0.97.
-python "$HERE/balance_calls.py" "$W/data_c" "$W"/data/tiers "$W"/data/geneval "$W"/data/harsh_tiers "$W"/data/harsh_geneval \
-  "$W"/data/plans --plans 100000 --correct-repeat 1
-timeout 100 clvr train sft-vlm --data "$W/data_c" --model "$W/ship_b" --out "$W/run_c" --train-vision --lr-scheduler cosine \
-  --max-steps 1000 --batch-size 32 --learning-rate 1e-3 --warmup-steps 10 --image-size 128 --checkpoint-every 100 \
-  --max-length 4096 --mixed-precision bf16 --seed 5 || true
-ckpt=$(ls -d "$W"/run_c/checkpoints/step-* | tail -1)
-python "$HERE/ship_vlm.py" "$INIT" "$ckpt" "$W/ship" --note "gpu_vlm.sh stage C"
+balance "$W/data_c" 100000
+stage c "$W/data_c" "$W/ship_b" 100 --lr-scheduler cosine --max-steps 1000 --batch-size 32 --learning-rate 1e-3 \
+  --warmup-steps 10 --seed 5
+rm -rf "$W/ship" && cp -r "$W/ship_c" "$W/ship"
 echo "trained to $ckpt after $(( $(date +%s) - t0 )) s"
 # A first look only (generation is latency-bound at this size); the n = 300 table runs afterwards on a CPU:
 # clvr eval controller --vlm $W/ship --n 300 --calls-n 40 --seed 100
