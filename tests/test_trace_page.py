@@ -90,6 +90,38 @@ def _wait_for(condition, timeout_s: float) -> bool:
     return condition()
 
 
+def test_a_reload_in_the_same_second_gets_the_finished_page(finished, tmp_path):
+    """A browser reloading a served running page with If-Modified-Since is sent the finished page.
+
+    http.server (like most servers) validates at one-second resolution: a finished page written in the same
+    second as the running page it replaced was answered "304 Not Modified", and the browser reloaded the
+    running page forever.
+    """
+    import urllib.error
+    import urllib.request
+
+    write_trace(_running(finished), tmp_path / "trace.html")
+    handler = type("Handler", (_RunFolder,), {"requests": [], "on_first_page": lambda self: None})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/trace.html"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as first:
+            assert 'class="badge running"' in first.read().decode()
+            stamp = first.headers["Last-Modified"]
+        write_trace(finished, tmp_path / "trace.html")  # milliseconds later: the same second
+        reload = urllib.request.Request(url, headers={"If-Modified-Since": stamp})
+        try:
+            with urllib.request.urlopen(reload, timeout=10) as second:
+                status, body = second.status, second.read().decode()
+        except urllib.error.HTTPError as e:  # urllib raises on 304
+            status, body = e.code, ""
+    finally:
+        server.shutdown()
+    assert status == 200, f"the reload was answered {status}: the browser would keep the running page"
+    assert f'class="badge {finished.status}"' in body and "http-equiv" not in body
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed")
 def test_headless_chromium_follows_a_running_page_until_it_finishes(finished, tmp_path):
     """The browser opens the running page, reloads it, gets the finished one and stops reloading.

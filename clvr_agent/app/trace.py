@@ -114,11 +114,30 @@ def write_trace(trajectory: Trajectory, out_path: str | os.PathLike, *, refresh_
     try:
         with open(tmp, "x", encoding="utf-8") as f:  # "x": a fresh file with the umask's permissions
             f.write(page)
+        if trajectory.status != "running":
+            _later_second_than(out, tmp)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def _later_second_than(old: Path, new: Path) -> None:
+    """Give ``new`` an mtime in a later whole second than ``old``'s.
+
+    A web server answers a reload's ``If-Modified-Since`` from the file's mtime at one-second resolution
+    (``Last-Modified``; e.g. ``python -m http.server``). When the finished page replaced the last running page
+    within the same second, the browser was told "304 Not Modified", kept the running page and reloaded it
+    forever. Only the finished page is moved (at most a second ahead): running pages are followed by newer ones.
+    """
+    try:
+        before = int(old.stat().st_mtime)
+    except FileNotFoundError:
+        return
+    now = new.stat().st_mtime
+    if int(now) <= before:
+        os.utime(new, (now, before + 1))
 
 
 render_trace = write_trace  # the 0.1 name, kept for callers
