@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +83,18 @@ class _RunFolder(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def _served(folder: Path, on_first_page=lambda self: None):
+    """Serve ``folder`` on a loopback port → (the handler class with its request log, the base URL)."""
+    handler = type("Handler", (_RunFolder,), {"requests": [], "on_first_page": on_first_page})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield handler, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
 def _wait_for(condition, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -101,11 +115,8 @@ def test_a_reload_in_the_same_second_gets_the_finished_page(finished, tmp_path):
     import urllib.request
 
     write_trace(_running(finished), tmp_path / "trace.html")
-    handler = type("Handler", (_RunFolder,), {"requests": [], "on_first_page": lambda self: None})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(tmp_path)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/trace.html"
-    try:
+    with _served(tmp_path) as (_, base):
+        url = f"{base}/trace.html"
         with urllib.request.urlopen(url, timeout=10) as first:
             assert 'class="badge running"' in first.read().decode()
             stamp = first.headers["Last-Modified"]
@@ -116,8 +127,6 @@ def test_a_reload_in_the_same_second_gets_the_finished_page(finished, tmp_path):
                 status, body = second.status, second.read().decode()
         except urllib.error.HTTPError as e:  # urllib raises on 304
             status, body = e.code, ""
-    finally:
-        server.shutdown()
     assert status == 200, f"the reload was answered {status}: the browser would keep the running page"
     assert f'class="badge {finished.status}"' in body and "http-equiv" not in body
 
@@ -144,26 +153,21 @@ def test_headless_chromium_follows_a_running_page_until_it_finishes(finished, tm
     write_trace(_running(done), run / "trace.html", refresh_s=1)
     last_canvas = f"/steps/{done.steps[-1].canvas.name}"  # linked only from the finished page
 
-    handler = type("Handler", (_RunFolder,), {"requests": [],
-                                              "on_first_page": lambda self: write_trace(done, run / "trace.html")})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(run)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    browser = subprocess.Popen(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         f"http://127.0.0.1:{server.server_address[1]}/trace.html"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        shown = _wait_for(lambda: last_canvas in handler.requests or browser.poll() is not None, 90)
-        time.sleep(3)  # three refresh periods of the running page: a page still reloading would show here
-    finally:
-        browser.terminate()
+    with _served(run, on_first_page=lambda self: write_trace(done, run / "trace.html")) as (handler, base):
+        browser = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", f"{base}/trace.html"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            _, err = browser.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            browser.kill()
-            _, err = browser.communicate()
-        server.shutdown()
+            shown = _wait_for(lambda: last_canvas in handler.requests or browser.poll() is not None, 90)
+            time.sleep(3)  # three refresh periods of the running page: a page still reloading would show here
+        finally:
+            browser.terminate()
+            try:
+                _, err = browser.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                browser.kill()
+                _, err = browser.communicate()
     assert shown and last_canvas in handler.requests, (handler.requests, (err or "")[-2000:])
     pages = handler.requests.count("/trace.html")
     assert pages == 2, handler.requests  # reloaded once while running, then never again
