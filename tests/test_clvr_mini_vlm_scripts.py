@@ -85,3 +85,41 @@ def test_balance_calls_keeps_every_failure_and_as_many_satisfied_verdicts(tmp_pa
     assert len(calls) == sum(written.values()) and all(Path(c.image.path).is_file() for c in calls if c.image)
     missing = _run(str(SCRIPTS / "balance_calls.py"), str(tmp_path / "b2"), str(tmp_path / "nothing"))
     assert missing.returncode != 0 and "holds no calls-*.jsonl" in missing.stderr
+
+
+def test_grow_vlm_adds_capacity_without_changing_a_single_logit(tmp_path):
+    """Growth is function-preserving on real inputs, and the new units are live (they get gradients)."""
+    import torch
+    from PIL import Image
+
+    from clvr_agent.tools.qwen3_vl import load_qwen3_vl
+    from clvr_agent.tools.tiny_vlm import build_tiny_qwen3_vl
+
+    model, processor = build_tiny_qwen3_vl(seed=1)
+    init = tmp_path / "small"
+    model.save_pretrained(init, safe_serialization=True)
+    processor.save_pretrained(init)
+    (init / "clvr_controller.json").write_text(json.dumps({"image_size": 64}))
+    res = _run(str(SCRIPTS / "grow_vlm.py"), str(init), str(tmp_path / "big"), "--vision-depth", "3",
+               "--vision-intermediate", "48", "--text-layers", "3", "--text-intermediate", "64")
+    assert res.returncode == 0, res.stderr
+    big, _ = load_qwen3_vl(str(tmp_path / "big"), torch_dtype="float32", device="cpu")
+    assert (big.config.vision_config.depth, big.config.text_config.num_hidden_layers) == (3, 3)
+    assert sum(p.numel() for p in big.parameters()) > sum(p.numel() for p in model.parameters())
+    # a different input from the script's own check: a canvas of shapes and a longer text
+    im = Image.new("RGB", (96, 64), "white")
+    im.paste((200, 30, 30), (10, 10, 40, 40))
+    im.paste((30, 30, 200), (50, 20, 90, 60))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": im},
+                                         {"type": "text", "text": "two squares, red left of blue"}]}]
+    enc = processor.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors="pt",
+                                        add_generation_prompt=True)
+    with torch.no_grad():
+        assert torch.allclose(model(**enc).logits, big(**enc).logits, atol=1e-5)
+    big.train()
+    big(**enc).logits.sum().backward()
+    new_block = big.model.visual.blocks[2]
+    assert new_block.mlp.linear_fc2.weight.grad.abs().sum() > 0  # the zero output projection learns
+    assert big.model.language_model.layers[2].mlp.down_proj.weight.grad.abs().sum() > 0
+    shrink = _run(str(SCRIPTS / "grow_vlm.py"), str(tmp_path / "big"), str(tmp_path / "x"), "--vision-depth", "1")
+    assert shrink.returncode != 0 and "can only grow" in shrink.stderr and not (tmp_path / "x").exists()
