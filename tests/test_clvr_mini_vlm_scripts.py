@@ -101,8 +101,12 @@ def test_grow_vlm_adds_capacity_without_changing_a_single_logit(tmp_path):
     processor.save_pretrained(init)
     (init / "clvr_controller.json").write_text(json.dumps({"image_size": 64}))
     res = _run(str(SCRIPTS / "grow_vlm.py"), str(init), str(tmp_path / "big"), "--vision-depth", "3",
-               "--vision-intermediate", "48", "--text-layers", "3", "--text-intermediate", "64")
+               "--vision-intermediate", "48", "--text-layers", "3", "--text-intermediate", "64",
+               "--image-size", "96")
     assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "big" / "clvr_controller.json").read_text())["image_size"] == 96
+    assert json.loads((tmp_path / "big" / "processor_config.json").read_text())["image_processor"]["size"][
+        "longest_edge"] == 96 * 96
     big, _ = load_qwen3_vl(str(tmp_path / "big"), torch_dtype="float32", device="cpu")
     assert (big.config.vision_config.depth, big.config.text_config.num_hidden_layers) == (3, 3)
     assert sum(p.numel() for p in big.parameters()) > sum(p.numel() for p in model.parameters())

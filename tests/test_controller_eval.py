@@ -24,6 +24,7 @@ def test_the_oracle_agrees_with_itself_and_the_loop_beats_single_step(tmp_path):
     s = eval_controller(ShapeWorldController(), "oracle", n=12, calls_n=6, seed=3, out_dir=tmp_path, progress=False)
     c = s["calls"]
     assert c["plan_exact"] == c["verify_constraint_agreement"] == c["check_agreement"] == 1.0
+    assert c["verify_swapped_agreement"] == 1.0 and c["verify_swapped_unmet_fraction"] > 0.2
     assert c["satisfied_precision"] == c["satisfied_recall"] == 1.0
     assert c["counts"]["plan"] == 6 and c["counts"]["verify"] >= 6
     assert s["loops"]["learned"]["overall"] == s["loops"]["oracle"]["overall"] == 1.0
@@ -49,6 +50,29 @@ def test_a_controller_that_always_says_satisfied_is_caught(tmp_path):
     assert s["loops"]["learned"]["overall"] < s["loops"]["oracle"]["overall"]
     # paired with single step on the same first canvases: it passes exactly what single step passes
     assert s["differences"]["learned - single"]["diff"] == 0.0
+
+
+class TextReader(ShapeWorldController):
+    """Verifies each (prompt, history) once from the canvas, then answers from memory: it stops reading images."""
+
+    def __init__(self):
+        super().__init__()
+        self.memo = {}
+
+    def verify(self, prompt, plan, canvas, history):
+        key = (prompt, len(history))
+        if key not in self.memo:
+            self.memo[key] = super().verify(prompt, plan, canvas, history)
+        return self.memo[key]
+
+
+def test_a_verifier_that_does_not_read_the_canvas_is_caught_by_the_swapped_canvases(tmp_path):
+    """Right on every real canvas (the memo was made from it), wrong where another prompt's canvas contradicts it."""
+    s = eval_controller(TextReader(), "text", n=12, calls_n=12, seed=3, out_dir=tmp_path, progress=False)
+    c = s["calls"]
+    assert c["verify_constraint_agreement"] == 1.0
+    assert c["verify_swapped_agreement"] < 0.85
+    assert "another prompt's canvas" in (tmp_path / "table.md").read_text()
 
 
 def test_cli_rejects_more_call_prompts_than_prompts(tmp_path):

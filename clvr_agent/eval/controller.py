@@ -84,8 +84,13 @@ def _ask(fn, *args):
         return None, str(exc).splitlines()[0][:300]
 
 
-def compare_call(call: ControllerCall, controller, oracle, executor, tag: str, tier: int) -> dict:
-    """One recorded oracle call put to ``controller``; the row says how its answer compares."""
+def compare_call(call: ControllerCall, controller, oracle, executor, tag: str, tier: int,
+                 swap: Optional[Image.Image] = None) -> dict:
+    """One recorded oracle call put to ``controller``; the row says how its answer compares.
+
+    ``swap`` (verify calls): another prompt's canvas, put to both controllers with this call's prompt, plan and
+    history. The exact detector's verdict on it is the truth; a verifier that judges from the text (prompt and
+    history) rather than the image answers as it did for the real canvas and disagrees."""
     row = {"task": call.task, "tag": tag, "tier": tier, "prompt": call.prompt}
     if call.task == "plan":
         truth = Plan.model_validate_json(call.reply)
@@ -103,9 +108,15 @@ def compare_call(call: ControllerCall, controller, oracle, executor, tag: str, t
         truth = Verdict.model_validate_json(call.reply)
         got, err = _ask(controller.verify, call.prompt, call.plan, canvas, call.history)
         got_ids = {} if got is None else {c.id: c.satisfied for c in got.constraints}
-        return {**row, "invalid": err is not None, "error": err, "truth": truth.satisfied,
-                "got": None if got is None else got.satisfied,
-                "constraints": [[c.satisfied, got_ids.get(c.id)] for c in truth.constraints]}
+        row = {**row, "invalid": err is not None, "error": err, "truth": truth.satisfied,
+               "got": None if got is None else got.satisfied,
+               "constraints": [[c.satisfied, got_ids.get(c.id)] for c in truth.constraints]}
+        if swap is not None:
+            swap_truth = oracle.verify(call.prompt, call.plan, swap, call.history)
+            swap_got, _ = _ask(controller.verify, call.prompt, call.plan, swap, call.history)
+            swap_ids = {} if swap_got is None else {c.id: c.satisfied for c in swap_got.constraints}
+            row["swapped"] = [[c.satisfied, swap_ids.get(c.id)] for c in swap_truth.constraints]
+        return row
     truth = Correction.model_validate_json(call.reply)
     got, err = _ask(controller.correct, call.prompt, call.plan, call.verdict, canvas, call.history)
     unmet = [c.id for c in call.verdict.unmet()]
@@ -113,6 +124,18 @@ def compare_call(call: ControllerCall, controller, oracle, executor, tag: str, t
             "instruction": None if got is None else got.instruction,
             "useful": False if got is None else _fixes(got, call, canvas, unmet, oracle, executor),
             "oracle_useful": _fixes(truth, call, canvas, unmet, oracle, executor)}
+
+
+def _swapped_canvases(calls: list[ControllerCall]) -> dict[int, Image.Image]:
+    """For each verify call (by index), the canvas of the next verify call with another prompt (cyclically)."""
+    verify = [i for i, c in enumerate(calls) if c.task == "verify"]
+    out = {}
+    for k, i in enumerate(verify):
+        for j in verify[k + 1:] + verify[:k]:
+            if calls[j].prompt != calls[i].prompt:
+                out[i] = calls[j].image.open()
+                break
+    return out
 
 
 def _fixes(correction: Correction, call: ControllerCall, canvas: Image.Image, unmet: list[str], oracle,
@@ -144,6 +167,8 @@ def _call_summary(rows: list[dict]) -> dict:
         "plan_exact": _rate([r["exact"] for r in plan]),
         "verify_constraint_agreement": _rate([t == g for t, g in pairs]),
         "verify_satisfied_agreement": _rate([r["truth"] == r["got"] for r in verify]),
+        "verify_swapped_agreement": _rate([t == g for r in verify for t, g in r.get("swapped", [])]),
+        "verify_swapped_unmet_fraction": _rate([not t for r in verify for t, _ in r.get("swapped", [])]),
         "satisfied_precision": _rate([r["truth"] for r in said_yes]),
         "satisfied_recall": _rate([r["got"] is True for r in truly_yes]),
         "check_agreement": _rate([r["truth"] == r["got"] for r in check]),
@@ -190,8 +215,9 @@ def eval_controller(controller, name: str, n: int = 300, calls_n: int = 60, seed
 
         oracle_rows = run_loops(lines, "oracle", executor, recorder, seed, work / "oracle", max_iterations, progress,
                                 on_row=record)
-        call_rows = [compare_call(c, controller, oracle, executor, line["tag"], line["tier"])
-                     for c, line in _bar(recorded, "calls", progress)]
+        swaps = _swapped_canvases([c for c, _ in recorded])
+        call_rows = [compare_call(c, controller, oracle, executor, line["tag"], line["tier"], swaps.get(i))
+                     for i, (c, line) in enumerate(_bar(recorded, "calls", progress))]
         learned = run_loops(lines, "learned", executor, controller, seed, work / "learned", max_iterations, progress)
     loops = {"single": _loop_summary(single), "oracle": _loop_summary(oracle_rows), "learned": _loop_summary(learned)}
     learned_by_tier = {int(t): _rate([r["passed"] for r in learned if r["tier"] == t])
@@ -243,6 +269,8 @@ def markdown_table(s: dict) -> str:
         "|---|---|",
         f"| plan exact-match (checklist) | {_f(c['plan_exact'])} (n={c['counts']['plan']}) |",
         f"| verify: per-constraint agreement with the exact detector | {_f(c['verify_constraint_agreement'])} (n={c['counts']['verify']} verdicts) |",
+        f"| verify on another prompt's canvas (reads the image?): per-constraint agreement | "
+        f"{_f(c.get('verify_swapped_agreement'))} ({_f(c.get('verify_swapped_unmet_fraction'))} of them unmet) |",
         f"| verify: precision of `satisfied` | {_f(c['satisfied_precision'])} |",
         f"| verify: recall of `satisfied` | {_f(c['satisfied_recall'])} |",
         f"| passive check agreement | {_f(c['check_agreement'])} (n={c['counts']['check']}) |",

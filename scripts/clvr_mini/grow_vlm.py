@@ -10,7 +10,9 @@ model's logits equal the original's on every input, so training starts from the 
 adds room. The deepstack taps stay on the original vision blocks; the final merger reads the last block.
 
 Usage: python scripts/clvr_mini/grow_vlm.py INIT_DIR OUT_DIR [--vision-depth 4] [--vision-intermediate 256]
-       [--text-layers 3] [--text-intermediate 256] [--seed 0]
+       [--text-layers 3] [--text-intermediate 256] [--seed 0] [--image-size 256]
+``--image-size`` lets the model read larger canvases (processor pixel bound and the controller's downscaling move
+together); the function is the same on images that fit both bounds, and new on larger ones.
 The folder keeps INIT_DIR's processor, vocabulary and ``clvr_controller.json``; ``clvr_mini_vlm.json`` records
 the growth on top of INIT_DIR's record, and the script refuses to write a folder whose logits differ.
 """
@@ -84,7 +86,7 @@ def grow_state(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], *, ol
 
 
 def grow(init: Path, out: Path, *, vision_depth: int, vision_intermediate: int, text_layers: int,
-         text_intermediate: int, seed: int = 0) -> dict:
+         text_intermediate: int, seed: int = 0, image_size: int | None = None) -> dict:
     from transformers import Qwen3VLForConditionalGeneration
 
     model, processor = load_qwen3_vl(str(init), torch_dtype="float32", device="cpu")
@@ -106,11 +108,20 @@ def grow(init: Path, out: Path, *, vision_depth: int, vision_intermediate: int, 
     out.mkdir(parents=True)
     big.config.use_cache = True
     big.save_pretrained(out, safe_serialization=True)
+    settings = json.loads((init / CONTROLLER_SETTINGS).read_text())
+    if image_size is not None and image_size != settings.get("image_size"):
+        # the canvas reaches the model through the controller's downscaling to image_size and the processor's
+        # pixel bound: both move together (the learned position grid is interpolated to the new patch grid)
+        if image_size < 32 or image_size % 32:
+            raise ValueError(f"image size must be a multiple of 32 (patch 16 x merge 2), got {image_size}")
+        size = processor.image_processor.size
+        processor.image_processor.size = {"longest_edge": image_size * image_size, "shortest_edge": size["shortest_edge"]}
+        settings["image_size"] = image_size
     processor.save_pretrained(out)
-    shutil.copyfile(init / CONTROLLER_SETTINGS, out / CONTROLLER_SETTINGS)
+    (out / CONTROLLER_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     made = next((f for f in (init / "clvr_mini_vlm.json", init / "clvr_mini_vlm_init.json") if f.is_file()), None)
     sizes = {"vision_depth": vision_depth, "vision_intermediate": vision_intermediate, "text_layers": text_layers,
-             "text_intermediate": text_intermediate}
+             "text_intermediate": text_intermediate, "image_size": settings["image_size"]}
     info = {"grown": sizes, "params": sum(p.numel() for p in big.parameters()), "max_logit_diff": diff,
             "init": json.loads(made.read_text()) if made else {"folder": str(init)},
             "note": "scripts/clvr_mini/grow_vlm.py: function-preserving growth (new units and blocks write zeros)"}
@@ -141,6 +152,9 @@ def main() -> None:
     p.add_argument("--text-layers", type=int, default=None, help="default: the init's")
     p.add_argument("--text-intermediate", type=int, default=None, help="default: the init's")
     p.add_argument("--seed", type=int, default=0, help="seed of the new units' random input rows")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="canvas size the model reads (default: the init's; the logits stay equal for images that "
+                        "fit both, larger canvases now keep more pixels)")
     a = p.parse_args()
     from transformers import AutoConfig
 
@@ -148,7 +162,8 @@ def main() -> None:
     try:
         info = grow(a.init, a.out, vision_depth=a.vision_depth, vision_intermediate=a.vision_intermediate,
                     text_layers=a.text_layers or cfg.text_config.num_hidden_layers,
-                    text_intermediate=a.text_intermediate or cfg.text_config.intermediate_size, seed=a.seed)
+                    text_intermediate=a.text_intermediate or cfg.text_config.intermediate_size, seed=a.seed,
+                    image_size=a.image_size)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e
     print(json.dumps({k: v for k, v in info.items() if k != "init"}))
