@@ -127,3 +127,30 @@ def test_grow_vlm_adds_capacity_without_changing_a_single_logit(tmp_path):
     assert big.model.language_model.layers[2].mlp.down_proj.weight.grad.abs().sum() > 0
     shrink = _run(str(SCRIPTS / "grow_vlm.py"), str(tmp_path / "big"), str(tmp_path / "x"), "--vision-depth", "1")
     assert shrink.returncode != 0 and "can only grow" in shrink.stderr and not (tmp_path / "x").exists()
+
+
+def test_swap_calls_pairs_each_verify_text_with_another_canvas_and_the_exact_verdict(tmp_path):
+    from PIL import Image
+
+    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
+    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
+    from clvr_agent.training.sft_vlm import load_calls
+    from clvr_agent.training.synth import SynthConfig, synthesize
+    from clvr_agent.types import Verdict
+
+    synthesize(SynthConfig(out=str(tmp_path / "syn"), n=16, seed=4, record_calls=True, progress=False),
+               ShapeWorldExecutor(), ShapeWorldController())
+    res = _run(str(SCRIPTS / "swap_calls.py"), str(tmp_path / "sw"), str(tmp_path / "syn"), "--n", "40", "--seed", "1")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "sw" / "swap.json").read_text())
+    assert report["written"] == 40 and report["counts"]["constraints:met"] > 0 < report["counts"]["constraints:unmet"]
+    originals = {(c.prompt, c.image.path) for c in load_calls(tmp_path / "syn") if c.task == "verify"}
+    swapped = load_calls(tmp_path / "sw")  # sft-vlm reads it in place
+    oracle = ShapeWorldController()
+    for c in swapped:
+        assert c.task == "verify" and c.meta["swapped_from"] != c.prompt
+        assert (c.prompt, c.image.path) not in originals  # a real pairing would teach nothing new
+        with Image.open(c.image.path) as im:
+            assert Verdict.model_validate_json(c.reply) == oracle.verify(c.prompt, c.plan, im.convert("RGB"), c.history)
+    bad = _run(str(SCRIPTS / "swap_calls.py"), str(tmp_path / "b"), str(tmp_path / "syn"), "--same-tag", "2")
+    assert bad.returncode != 0 and "--same-tag" in bad.stderr
