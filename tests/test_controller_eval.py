@@ -25,6 +25,7 @@ def test_the_oracle_agrees_with_itself_and_the_loop_beats_single_step(tmp_path):
     c = s["calls"]
     assert c["plan_exact"] == c["verify_constraint_agreement"] == c["check_agreement"] == 1.0
     assert c["verify_swapped_agreement"] == 1.0 and c["verify_swapped_unmet_fraction"] > 0.2
+    assert c["verify_unchanged_by_swap"] == c["verify_swapped_text_only"] < 1.0
     assert c["satisfied_precision"] == c["satisfied_recall"] == 1.0
     assert c["counts"]["plan"] == 6 and c["counts"]["verify"] >= 6
     assert s["loops"]["learned"]["overall"] == s["loops"]["oracle"]["overall"] == 1.0
@@ -71,7 +72,8 @@ def test_a_verifier_that_does_not_read_the_canvas_is_caught_by_the_swapped_canva
     s = eval_controller(TextReader(), "text", n=12, calls_n=12, seed=3, out_dir=tmp_path, progress=False)
     c = s["calls"]
     assert c["verify_constraint_agreement"] == 1.0
-    assert c["verify_swapped_agreement"] < 0.85
+    assert c["verify_swapped_agreement"] == c["verify_swapped_text_only"] < 0.85
+    assert c["verify_unchanged_by_swap"] == 1.0
     assert "another prompt's canvas" in (tmp_path / "table.md").read_text()
 
 

@@ -169,6 +169,11 @@ def _call_summary(rows: list[dict]) -> dict:
         "verify_satisfied_agreement": _rate([r["truth"] == r["got"] for r in verify]),
         "verify_swapped_agreement": _rate([t == g for r in verify for t, g in r.get("swapped", [])]),
         "verify_swapped_unmet_fraction": _rate([not t for r in verify for t, _ in r.get("swapped", [])]),
+        # a verifier that ignores the image but is right on every real canvas scores this on the swapped ones
+        "verify_swapped_text_only": _rate([a[0] == b[0] for r in verify if "swapped" in r
+                                           for a, b in zip(r["constraints"], r["swapped"])]),
+        "verify_unchanged_by_swap": _rate([a[1] == b[1] for r in verify if "swapped" in r
+                                           for a, b in zip(r["constraints"], r["swapped"])]),
         "satisfied_precision": _rate([r["truth"] for r in said_yes]),
         "satisfied_recall": _rate([r["got"] is True for r in truly_yes]),
         "check_agreement": _rate([r["truth"] == r["got"] for r in check]),
@@ -270,7 +275,9 @@ def markdown_table(s: dict) -> str:
         f"| plan exact-match (checklist) | {_f(c['plan_exact'])} (n={c['counts']['plan']}) |",
         f"| verify: per-constraint agreement with the exact detector | {_f(c['verify_constraint_agreement'])} (n={c['counts']['verify']} verdicts) |",
         f"| verify on another prompt's canvas (reads the image?): per-constraint agreement | "
-        f"{_f(c.get('verify_swapped_agreement'))} ({_f(c.get('verify_swapped_unmet_fraction'))} of them unmet) |",
+        f"{_f(c.get('verify_swapped_agreement'))} (text-only verifier {_f(c.get('verify_swapped_text_only'))}, exact "
+        f"1.000; {_f(c.get('verify_swapped_unmet_fraction'))} of them unmet; answers unchanged by the swap "
+        f"{_f(c.get('verify_unchanged_by_swap'))}) |",
         f"| verify: precision of `satisfied` | {_f(c['satisfied_precision'])} |",
         f"| verify: recall of `satisfied` | {_f(c['satisfied_recall'])} |",
         f"| passive check agreement | {_f(c['check_agreement'])} (n={c['counts']['check']}) |",

@@ -74,9 +74,7 @@ def grow_state(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], *, ol
             else:
                 if src.dim() != t.dim() or any(a > b for a, b in zip(src.shape, t.shape)):
                     raise ValueError(f"{name}: cannot grow {tuple(src.shape)} into {tuple(t.shape)}")
-                if writes:  # new input columns of an output projection read new units: zero
-                    t.zero_()
-                elif name.endswith(".bias"):
+                if writes or name.endswith(".bias"):  # new columns of an output projection read new units
                     t.zero_()
                 t[tuple(slice(0, s) for s in src.shape)] = src
         else:
