@@ -14,6 +14,17 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
 
 
+def _saved_tiny_vlm(folder: Path, seed: int):
+    """A tiny random Qwen3-VL saved as a controller folder (image size 64); returns (model, processor)."""
+    from clvr_agent.tools.tiny_vlm import build_tiny_qwen3_vl
+
+    model, processor = build_tiny_qwen3_vl(seed=seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    (folder / "clvr_controller.json").write_text(json.dumps({"image_size": 64}))
+    return model, processor
+
+
 def test_synth_harsh_records_more_failures_than_the_default_executor(tmp_path):
     from clvr_agent.tools.shapeworld.controller import ShapeWorldController
     from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
@@ -41,13 +52,8 @@ def test_ship_vlm_exports_a_checkpoint_onto_a_shipped_folder(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from clvr_agent.tools.tiny_vlm import build_tiny_qwen3_vl
-
-    model, processor = build_tiny_qwen3_vl(seed=0)
     init = tmp_path / "shipped"
-    model.save_pretrained(init, safe_serialization=True)
-    processor.save_pretrained(init)
-    (init / "clvr_controller.json").write_text(json.dumps({"image_size": 64}))
+    model, _ = _saved_tiny_vlm(init, seed=0)
     (init / "clvr_mini_vlm.json").write_text(json.dumps({"step": 7}))
     ckpt = tmp_path / "run" / "checkpoints" / "step-0000012"
     ckpt.mkdir(parents=True)
@@ -93,13 +99,9 @@ def test_grow_vlm_adds_capacity_without_changing_a_single_logit(tmp_path):
     from PIL import Image
 
     from clvr_agent.tools.qwen3_vl import load_qwen3_vl
-    from clvr_agent.tools.tiny_vlm import build_tiny_qwen3_vl
 
-    model, processor = build_tiny_qwen3_vl(seed=1)
     init = tmp_path / "small"
-    model.save_pretrained(init, safe_serialization=True)
-    processor.save_pretrained(init)
-    (init / "clvr_controller.json").write_text(json.dumps({"image_size": 64}))
+    model, processor = _saved_tiny_vlm(init, seed=1)
     res = _run(str(SCRIPTS / "grow_vlm.py"), str(init), str(tmp_path / "big"), "--vision-depth", "3",
                "--vision-intermediate", "48", "--text-layers", "3", "--text-intermediate", "64",
                "--image-size", "96")
