@@ -128,7 +128,11 @@ def test_grow_vlm_adds_capacity_without_changing_a_single_logit(tmp_path):
     assert new_block.mlp.linear_fc2.weight.grad.abs().sum() > 0  # the zero output projection learns
     assert big.model.language_model.layers[2].mlp.down_proj.weight.grad.abs().sum() > 0
     shrink = _run(str(SCRIPTS / "grow_vlm.py"), str(tmp_path / "big"), str(tmp_path / "x"), "--vision-depth", "1")
-    assert shrink.returncode != 0 and "can only grow" in shrink.stderr and not (tmp_path / "x").exists()
+    assert shrink.returncode == 2 and "can only grow" in shrink.stderr and not (tmp_path / "x").exists()
+    odd = _run(str(SCRIPTS / "grow_vlm.py"), str(init), str(tmp_path / "y"), "--image-size", "100")
+    assert odd.returncode == 2 and "multiple of 32" in odd.stderr and not (tmp_path / "y").exists()
+    same = _run(str(SCRIPTS / "grow_vlm.py"), str(init), str(init))
+    assert same.returncode == 2 and "init folder" in same.stderr and (init / "model.safetensors").is_file()
 
 
 def test_swap_calls_pairs_each_verify_text_with_another_canvas_and_the_exact_verdict(tmp_path):
@@ -155,4 +159,4 @@ def test_swap_calls_pairs_each_verify_text_with_another_canvas_and_the_exact_ver
         with Image.open(c.image.path) as im:
             assert Verdict.model_validate_json(c.reply) == oracle.verify(c.prompt, c.plan, im.convert("RGB"), c.history)
     bad = _run(str(SCRIPTS / "swap_calls.py"), str(tmp_path / "b"), str(tmp_path / "syn"), "--same-tag", "2")
-    assert bad.returncode != 0 and "--same-tag" in bad.stderr
+    assert bad.returncode == 2 and "--same-tag" in bad.stderr

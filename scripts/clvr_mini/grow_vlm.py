@@ -85,8 +85,13 @@ def grow_state(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], *, ol
 
 def grow(init: Path, out: Path, *, vision_depth: int, vision_intermediate: int, text_layers: int,
          text_intermediate: int, seed: int = 0, image_size: int | None = None) -> dict:
+    """Write the grown folder to ``out`` (built beside it, then moved in place); ValueError on bad sizes."""
     from transformers import Qwen3VLForConditionalGeneration
 
+    if out.resolve() == init.resolve():
+        raise ValueError(f"{out} is the init folder: write the grown model to a new folder")
+    if image_size is not None and (image_size < 32 or image_size % 32):
+        raise ValueError(f"image size must be a multiple of 32 (patch 16 x merge 2), got {image_size}")
     model, processor = load_qwen3_vl(str(init), torch_dtype="float32", device="cpu")
     cfg = grown_config(model.config, vision_depth=vision_depth, vision_intermediate=vision_intermediate,
                        text_layers=text_layers, text_intermediate=text_intermediate)
@@ -101,29 +106,31 @@ def grow(init: Path, out: Path, *, vision_depth: int, vision_intermediate: int, 
     diff = _max_logit_diff(model, big, processor, seed)
     if diff > 1e-4:
         raise SystemExit(f"the grown model's logits differ from {init}'s by {diff:.2e}: growth is not exact")
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    big.config.use_cache = True
-    big.save_pretrained(out, safe_serialization=True)
     settings = json.loads((init / CONTROLLER_SETTINGS).read_text())
     if image_size is not None and image_size != settings.get("image_size"):
         # the canvas reaches the model through the controller's downscaling to image_size and the processor's
         # pixel bound: both move together (the learned position grid is interpolated to the new patch grid)
-        if image_size < 32 or image_size % 32:
-            raise ValueError(f"image size must be a multiple of 32 (patch 16 x merge 2), got {image_size}")
         size = processor.image_processor.size
         processor.image_processor.size = {"longest_edge": image_size * image_size, "shortest_edge": size["shortest_edge"]}
         settings["image_size"] = image_size
-    processor.save_pretrained(out)
-    (out / CONTROLLER_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     made = next((f for f in (init / "clvr_mini_vlm.json", init / "clvr_mini_vlm_init.json") if f.is_file()), None)
     sizes = {"vision_depth": vision_depth, "vision_intermediate": vision_intermediate, "text_layers": text_layers,
              "text_intermediate": text_intermediate, "image_size": settings["image_size"]}
     info = {"grown": sizes, "params": sum(p.numel() for p in big.parameters()), "max_logit_diff": diff,
             "init": json.loads(made.read_text()) if made else {"folder": str(init)},
             "note": "scripts/clvr_mini/grow_vlm.py: function-preserving growth (new units and blocks write zeros)"}
-    (out / "clvr_mini_vlm.json").write_text(json.dumps(info, indent=2) + "\n")
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    big.config.use_cache = True
+    big.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    (tmp / CONTROLLER_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+    (tmp / "clvr_mini_vlm.json").write_text(json.dumps(info, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
     return info
 
 
@@ -163,7 +170,7 @@ def main() -> None:
                     text_intermediate=a.text_intermediate or cfg.text_config.intermediate_size, seed=a.seed,
                     image_size=a.image_size)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from e
+        p.error(str(e))  # exit 2, nothing written
     print(json.dumps({k: v for k, v in info.items() if k != "init"}))
 
 

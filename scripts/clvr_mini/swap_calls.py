@@ -74,7 +74,7 @@ def main() -> None:
                    help="fraction of swaps drawn from prompts with the same constraint kinds (partial matches)")
     a = p.parse_args()
     if a.n < 1 or not 0 <= a.same_tag <= 1:
-        raise SystemExit(f"error: need --n >= 1 and 0 <= --same-tag <= 1, got {a.n} and {a.same_tag}")
+        p.error(f"need --n >= 1 and 0 <= --same-tag <= 1, got {a.n} and {a.same_tag}")
     calls, counts = swap(read_calls(a.sources), a.n, a.seed, a.same_tag)
     a.out.mkdir(parents=True, exist_ok=True)
     tmp = a.out / "calls-swapped.jsonl.tmp"
