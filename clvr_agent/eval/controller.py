@@ -32,7 +32,7 @@ from clvr_agent.eval.rules import TAGS
 from clvr_agent.eval.stats import paired_bootstrap
 from clvr_agent.errors import ControllerOutputError
 from clvr_agent.tools.conversation import ControllerCall
-from clvr_agent.types import Correction, ExecutorRequest, PassiveCheck, Plan, Verdict
+from clvr_agent.types import Correction, ExecutorRequest, ImageRef, PassiveCheck, Plan, Verdict
 
 
 def _bar(items, desc: str, progress: bool):
@@ -126,14 +126,14 @@ def compare_call(call: ControllerCall, controller, oracle, executor, tag: str, t
             "oracle_useful": _fixes(truth, call, canvas, unmet, oracle, executor)}
 
 
-def _swapped_canvases(calls: list[ControllerCall]) -> dict[int, Image.Image]:
+def _swapped_canvases(calls: list[ControllerCall]) -> dict[int, ImageRef]:
     """For each verify call (by index), the canvas of the next verify call with another prompt (cyclically)."""
     verify = [i for i, c in enumerate(calls) if c.task == "verify"]
     out = {}
     for k, i in enumerate(verify):
         for j in verify[k + 1:] + verify[:k]:
             if calls[j].prompt != calls[i].prompt:
-                out[i] = calls[j].image.open()
+                out[i] = calls[j].image
                 break
     return out
 
@@ -221,7 +221,8 @@ def eval_controller(controller, name: str, n: int = 300, calls_n: int = 60, seed
         oracle_rows = run_loops(lines, "oracle", executor, recorder, seed, work / "oracle", max_iterations, progress,
                                 on_row=record)
         swaps = _swapped_canvases([c for c, _ in recorded])
-        call_rows = [compare_call(c, controller, oracle, executor, line["tag"], line["tier"], swaps.get(i))
+        call_rows = [compare_call(c, controller, oracle, executor, line["tag"], line["tier"],
+                                  swaps[i].open() if i in swaps else None)
                      for i, (c, line) in enumerate(_bar(recorded, "calls", progress))]
         learned = run_loops(lines, "learned", executor, controller, seed, work / "learned", max_iterations, progress)
     loops = {"single": _loop_summary(single), "oracle": _loop_summary(oracle_rows), "learned": _loop_summary(learned)}
