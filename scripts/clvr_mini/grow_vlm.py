@@ -22,12 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from clvr_agent.tools.qwen3_vl import CONTROLLER_SETTINGS, load_qwen3_vl
+sys.path.insert(0, str(Path(__file__).parent))
+
+from ship_vlm import write_vlm_folder  # noqa: E402
+
+from clvr_agent.tools.qwen3_vl import CONTROLLER_SETTINGS, load_qwen3_vl  # noqa: E402
 
 # parameters whose output feeds the residual stream: zero where they are new, so new units/blocks write nothing
 _WRITES_RESIDUAL = re.compile(r"(attn\.proj|mlp\.linear_fc2|self_attn\.o_proj|mlp\.down_proj)\.(weight|bias)$")
@@ -119,18 +123,8 @@ def grow(init: Path, out: Path, *, vision_depth: int, vision_intermediate: int, 
     info = {"grown": sizes, "params": sum(p.numel() for p in big.parameters()), "max_logit_diff": diff,
             "init": json.loads(made.read_text()) if made else {"folder": str(init)},
             "note": "scripts/clvr_mini/grow_vlm.py: function-preserving growth (new units and blocks write zeros)"}
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     big.config.use_cache = True
-    big.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    (tmp / CONTROLLER_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
-    (tmp / "clvr_mini_vlm.json").write_text(json.dumps(info, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    write_vlm_folder(out, big, processor, settings, info)
     return info
 
 

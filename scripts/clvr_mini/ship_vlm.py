@@ -22,6 +22,23 @@ from clvr_agent.tools.qwen3_vl import CONTROLLER_SETTINGS, load_qwen3_vl
 MAX_MB = 30
 
 
+def write_vlm_folder(out: Path, model, processor, settings: dict, info: dict) -> None:
+    """A controller folder (weights, processor, ``clvr_controller.json``, ``clvr_mini_vlm.json``), built beside
+    ``out`` and moved in place, so an interrupted run never leaves a half-written model where one was."""
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.config.use_cache = True
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    (tmp / CONTROLLER_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+    (tmp / "clvr_mini_vlm.json").write_text(json.dumps(info, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
 def export(init: Path, ckpt: Path, out: Path, note: str = "") -> dict:
     model, processor = load_qwen3_vl(str(init), torch_dtype="float32", device="cpu")
     # checkpoints/step-N/model.safetensors (accelerate's save_state); older runs wrote trainable.safetensors
@@ -37,18 +54,12 @@ def export(init: Path, ckpt: Path, out: Path, note: str = "") -> dict:
     with torch.no_grad():
         for name, value in sd.items():
             params[name].copy_(value)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    model.config.use_cache = True
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    shutil.copyfile(init / CONTROLLER_SETTINGS, out / CONTROLLER_SETTINGS)
+    settings = json.loads((init / CONTROLLER_SETTINGS).read_text())
     # an init_vlm.py folder says how it was built; a shipped folder (same sizes and vocabulary) says what it was
     made = next((f for f in (init / "clvr_mini_vlm_init.json", init / "clvr_mini_vlm.json") if f.is_file()), None)
     info = {"checkpoint": ckpt.name, "step": int(ckpt.name.rsplit("-", 1)[1]),
             "init": json.loads(made.read_text()) if made else {"folder": str(init)}, "note": note}
-    (out / "clvr_mini_vlm.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_vlm_folder(out, model, processor, settings, info)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     if size > MAX_MB:
         raise SystemExit(f"{out} is {size:.1f} MB, over the {MAX_MB} MB the package allows")
