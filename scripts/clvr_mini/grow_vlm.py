@@ -87,9 +87,10 @@ def grow_state(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], *, ol
     return out
 
 
-def grow(init: Path, out: Path, *, vision_depth: int, vision_intermediate: int, text_layers: int,
-         text_intermediate: int, seed: int = 0, image_size: int | None = None) -> dict:
-    """Write the grown folder to ``out`` (built beside it, then moved in place); ValueError on bad sizes."""
+def grow(init: Path, out: Path, *, vision_depth: int, vision_intermediate: int, text_layers: int | None = None,
+         text_intermediate: int | None = None, seed: int = 0, image_size: int | None = None) -> dict:
+    """Write the grown folder to ``out`` (built beside it, then moved in place); ValueError on bad sizes.
+    ``text_layers`` / ``text_intermediate`` default to the init's."""
     from transformers import Qwen3VLForConditionalGeneration
 
     if out.resolve() == init.resolve():
@@ -97,6 +98,8 @@ def grow(init: Path, out: Path, *, vision_depth: int, vision_intermediate: int, 
     if image_size is not None and (image_size < 32 or image_size % 32):
         raise ValueError(f"image size must be a multiple of 32 (patch 16 x merge 2), got {image_size}")
     model, processor = load_qwen3_vl(str(init), torch_dtype="float32", device="cpu")
+    text_layers = text_layers or model.config.text_config.num_hidden_layers
+    text_intermediate = text_intermediate or model.config.text_config.intermediate_size
     cfg = grown_config(model.config, vision_depth=vision_depth, vision_intermediate=vision_intermediate,
                        text_layers=text_layers, text_intermediate=text_intermediate)
     with torch.random.fork_rng(devices=[]):
@@ -155,16 +158,12 @@ def main() -> None:
                    help="canvas size the model reads (default: the init's; the logits stay equal for images that "
                         "fit both, larger canvases now keep more pixels)")
     a = p.parse_args()
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(a.init, local_files_only=True)
     try:
         info = grow(a.init, a.out, vision_depth=a.vision_depth, vision_intermediate=a.vision_intermediate,
-                    text_layers=a.text_layers or cfg.text_config.num_hidden_layers,
-                    text_intermediate=a.text_intermediate or cfg.text_config.intermediate_size, seed=a.seed,
+                    text_layers=a.text_layers, text_intermediate=a.text_intermediate, seed=a.seed,
                     image_size=a.image_size)
-    except ValueError as e:
-        p.error(str(e))  # exit 2, nothing written
+    except (OSError, ValueError) as e:  # no model at INIT, or sizes it cannot take
+        p.error(str(e).splitlines()[0])  # exit 2, nothing written
     print(json.dumps({k: v for k, v in info.items() if k != "init"}))
 
 
