@@ -160,3 +160,17 @@ def test_swap_calls_pairs_each_verify_text_with_another_canvas_and_the_exact_ver
             assert Verdict.model_validate_json(c.reply) == oracle.verify(c.prompt, c.plan, im.convert("RGB"), c.history)
     bad = _run(str(SCRIPTS / "swap_calls.py"), str(tmp_path / "b"), str(tmp_path / "syn"), "--same-tag", "2")
     assert bad.returncode == 2 and "--same-tag" in bad.stderr
+
+    # the same prompt's other canvases, whole verdicts held at half satisfied
+    res = _run(str(SCRIPTS / "swap_calls.py"), str(tmp_path / "sp"), str(tmp_path / "syn"), "--n", "20", "--seed", "1",
+               "--same-prompt", "1", "--satisfied", "0.5")
+    assert res.returncode == 0, res.stderr
+    counts = json.loads((tmp_path / "sp" / "swap.json").read_text())["counts"]
+    assert counts["verify:met"] == counts["verify:unmet"] == 10 and counts["same_prompt"] == 20
+    for c in load_calls(tmp_path / "sp"):
+        assert c.meta["swapped_from"] == c.prompt and c.image.sha256 != c.meta["replaced_image"]
+        with Image.open(c.image.path) as im:
+            assert Verdict.model_validate_json(c.reply) == oracle.verify(c.prompt, c.plan, im.convert("RGB"), c.history)
+    for flags in (["--satisfied", "1"], ["--same-prompt", "-0.1"]):
+        bad = _run(str(SCRIPTS / "swap_calls.py"), str(tmp_path / "b"), str(tmp_path / "syn"), *flags)
+        assert bad.returncode == 2 and flags[0] in bad.stderr and not (tmp_path / "b").exists()

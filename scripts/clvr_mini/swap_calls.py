@@ -8,7 +8,14 @@ whose detector reads the pixels) writes the verdict on that canvas. The same tex
 verdicts, and only the image tells them apart. Inference sends exactly these calls (a verify call whose canvas
 disagrees with the history is what a failed edit produces), so the renderer and the contract are unchanged.
 
+Swaps from other prompts are almost all unmet (97 % of whole verdicts on the h18 data), and a student trained
+on them learns "unmet" rather than reading (h18 J: recall of `satisfied` 0.17). ``--same-prompt P`` draws a
+fraction P of the canvases from the same prompt's other recorded canvases (other iterations of its loop, where
+the history says one thing and the canvas another, in both directions), and ``--satisfied F`` keeps whole
+verdicts at a fraction F satisfied by rejecting candidates of the class already over its share.
+
 Usage: python scripts/clvr_mini/swap_calls.py OUT SRC [SRC ...] [--n 16000] [--seed 0] [--same-tag 0.5]
+       [--same-prompt 0.0] [--satisfied F]
 Writes OUT/calls-swapped.jsonl (absolute image paths, readable by `clvr train sft-vlm --data OUT` in place) and
 OUT/swap.json with the counts of satisfied and unmet verdicts and constraints.
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 from collections import Counter, defaultdict
@@ -34,33 +42,51 @@ def _kinds(call) -> tuple:
     return tuple(sorted(c.kind for c in call.plan.constraints)) if call.plan is not None else ()
 
 
-def swap(calls, n: int, seed: int, same_tag: float):
-    """``n`` counterfactual verify calls and the counts of what they teach."""
+def swap(calls, n: int, seed: int, same_tag: float, same_prompt: float = 0.0, satisfied: float | None = None):
+    """``n`` counterfactual verify calls and the counts of what they teach.
+
+    ``same_prompt``: the fraction of canvases drawn from the same prompt's other canvases; ``satisfied``: the
+    fraction of whole verdicts to keep satisfied (None: whatever the draws give).
+    """
     verify = [c for c in calls if c.task == "verify" and c.image is not None and c.plan is not None]
     if len(verify) < 2:
         raise SystemExit(f"error: need at least 2 recorded verify calls, found {len(verify)}")
     rng = random.Random(seed)
-    by_kinds = defaultdict(list)
+    by_kinds, by_prompt = defaultdict(list), defaultdict(dict)
     for c in verify:
         by_kinds[_kinds(c)].append(c)
+        by_prompt[c.prompt][c.image.sha256] = c.image
     teacher = ShapeWorldController()
     out, counts = [], Counter()
     tries = 0
     while len(out) < n and tries < 20 * n:
         tries += 1
         call = rng.choice(verify)
-        pool = by_kinds[_kinds(call)] if rng.random() < same_tag else verify
-        other = rng.choice(pool)
-        if other.prompt == call.prompt:
-            continue
-        canvas = other.image.open()
-        verdict = teacher.verify(call.prompt, call.plan, canvas, call.history)
-        out.append(call.model_copy(update={"image": other.image, "reply": verdict.model_dump_json(),
-                                           "meta": {**call.meta, "swapped_from": other.prompt}}))
+        if rng.random() < same_prompt:
+            images = [im for sha, im in by_prompt[call.prompt].items() if sha != call.image.sha256]
+            if not images:
+                continue
+            image, source = rng.choice(images), call.prompt
+        else:
+            pool = by_kinds[_kinds(call)] if rng.random() < same_tag else verify
+            other = rng.choice(pool)
+            if other.prompt == call.prompt:
+                continue
+            image, source = other.image, other.prompt
+        verdict = teacher.verify(call.prompt, call.plan, image.open(), call.history)
+        if satisfied is not None:
+            share = satisfied if verdict.satisfied else 1 - satisfied
+            same_class = counts["verify:met" if verdict.satisfied else "verify:unmet"] + 1
+            if same_class > math.ceil(share * (len(out) + 1)):
+                continue
+        out.append(call.model_copy(update={"image": image, "reply": verdict.model_dump_json(),
+                                           "meta": {**call.meta, "swapped_from": source,
+                                                    "replaced_image": call.image.sha256}}))
         counts["verify:met" if verdict.satisfied else "verify:unmet"] += 1
         counts["constraints:met"] += sum(c.satisfied for c in verdict.constraints)
         counts["constraints:unmet"] += sum(not c.satisfied for c in verdict.constraints)
         counts["with_history"] += bool(call.history)
+        counts["same_prompt"] += source == call.prompt
     return out, counts
 
 
@@ -72,10 +98,18 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--same-tag", type=float, default=0.5,
                    help="fraction of swaps drawn from prompts with the same constraint kinds (partial matches)")
+    p.add_argument("--same-prompt", type=float, default=0.0,
+                   help="fraction of canvases drawn from the same prompt's other recorded canvases")
+    p.add_argument("--satisfied", type=float, default=None,
+                   help="keep this fraction of whole verdicts satisfied (rejecting draws of the class over its share)")
     a = p.parse_args()
-    if a.n < 1 or not 0 <= a.same_tag <= 1:
-        p.error(f"need --n >= 1 and 0 <= --same-tag <= 1, got {a.n} and {a.same_tag}")
-    calls, counts = swap(read_calls(a.sources), a.n, a.seed, a.same_tag)
+    if a.n < 1 or not 0 <= a.same_tag <= 1 or not 0 <= a.same_prompt <= 1:
+        p.error(f"need --n >= 1 and --same-tag, --same-prompt in [0, 1], got {a.n}, {a.same_tag}, {a.same_prompt}")
+    if a.satisfied is not None and not 0 < a.satisfied < 1:
+        p.error(f"--satisfied must be strictly between 0 and 1, got {a.satisfied}")
+    calls, counts = swap(read_calls(a.sources), a.n, a.seed, a.same_tag, a.same_prompt, a.satisfied)
+    if len(calls) < a.n:
+        print(f"warning: wrote {len(calls)} of {a.n} (the draws rarely give the verdicts asked)", file=sys.stderr)
     a.out.mkdir(parents=True, exist_ok=True)
     tmp = a.out / "calls-swapped.jsonl.tmp"
     tmp.write_text("".join(c.model_dump_json() + "\n" for c in calls))
