@@ -174,3 +174,60 @@ def test_swap_calls_pairs_each_verify_text_with_another_canvas_and_the_exact_ver
     for flags in (["--satisfied", "1"], ["--same-prompt", "-0.1"]):
         bad = _run(str(SCRIPTS / "swap_calls.py"), str(tmp_path / "b"), str(tmp_path / "syn"), *flags)
         assert bad.returncode == 2 and flags[0] in bad.stderr and not (tmp_path / "b").exists()
+
+
+def test_cell_targets_mark_each_object_in_the_cell_of_its_centre():
+    from PIL import Image, ImageDraw
+
+    sys.path.insert(0, str(SCRIPTS))
+    from pretrain_vision import COLOURS, N_LABELS, SHAPES, cell_targets
+
+    from clvr_agent.tools.shapeworld.world import BACKGROUND, PALETTE
+
+    im = Image.new("RGB", (256, 256), tuple(BACKGROUND))
+    draw = ImageDraw.Draw(im)
+    draw.rectangle([150, 20, 200, 70], fill=PALETTE["red"])  # centre (175, 45): row 0, column 2
+    draw.ellipse([20, 160, 80, 220], fill=PALETTE["blue"])  # centre (50, 190): row 2, column 0
+    t = cell_targets(im, 4)
+    assert t.shape == (16, N_LABELS)
+    pairs, k = len(COLOURS) * len(SHAPES), len(COLOURS) * len(SHAPES) + len(COLOURS)
+    red, blue = COLOURS.index("red"), COLOURS.index("blue")
+    square, circle = SHAPES.index("square"), SHAPES.index("circle")
+    assert {(int(c), int(j)) for c, j in zip(*t.nonzero())} == {
+        (2, red * len(SHAPES) + square), (2, pairs + red), (2, k + square),
+        (8, blue * len(SHAPES) + circle), (8, pairs + blue), (8, k + circle)}
+
+
+def test_pretrain_vision_trains_the_tower_only_and_writes_a_controller_folder(tmp_path):
+    import torch
+
+    from clvr_agent.tools.qwen3_vl import load_qwen3_vl
+    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
+    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
+    from clvr_agent.training.synth import SynthConfig, synthesize
+
+    init = tmp_path / "init"
+    _saved_tiny_vlm(init, seed=0)
+    synthesize(SynthConfig(out=str(tmp_path / "syn"), n=16, seed=2, progress=False),
+               ShapeWorldExecutor(), ShapeWorldController())
+    out = tmp_path / "pv"
+    res = _run(str(SCRIPTS / "pretrain_vision.py"), str(init), str(out), str(tmp_path / "syn"), "--steps", "4",
+               "--images", "6", "--heldout", "3", "--batch-size", "3", "--eval-every", "2")
+    assert res.returncode == 0, res.stderr
+    before, _ = load_qwen3_vl(str(init), torch_dtype="float32", device="cpu")
+    after, _ = load_qwen3_vl(str(out), torch_dtype="float32", device="cpu")
+    b, a = dict(before.named_parameters()), dict(after.named_parameters())
+    vision = [n for n in b if n.startswith("model.visual.")]
+    assert vision and any(not torch.equal(b[n], a[n]) for n in vision)
+    assert all(torch.equal(b[n], a[n]) for n in b if n not in vision)  # the language model is untouched
+    record = json.loads((out / "clvr_mini_vlm.json").read_text())["pretrain_vision"]
+    assert [r["step"] for r in record["curve"]] == [0, 2, 4] and record["grid"] == 2
+    assert json.loads((out / "clvr_controller.json").read_text()) == {"image_size": 64}
+
+    for args, says in (([str(tmp_path / "nope"), str(tmp_path / "o1"), str(tmp_path / "syn")], "not a clvr-mini-vlm"),
+                       ([str(init), str(init), str(tmp_path / "syn")], "must differ"),
+                       ([str(init), str(tmp_path / "o2"), str(tmp_path / "empty")], "not a folder"),
+                       ([str(init), str(tmp_path / "o3"), str(tmp_path / "syn"), "--heldout", "500"], "canvases")):
+        bad = _run(str(SCRIPTS / "pretrain_vision.py"), *args)
+        assert bad.returncode == 2 and says in bad.stderr, bad.stderr
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
