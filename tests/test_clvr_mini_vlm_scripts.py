@@ -223,6 +223,11 @@ def test_pretrain_vision_trains_the_tower_only_and_writes_a_controller_folder(tm
     record = json.loads((out / "clvr_mini_vlm.json").read_text())["pretrain_vision"]
     assert [r["step"] for r in record["curve"]] == [0, 2, 4] and record["grid"] == 2
     assert json.loads((out / "clvr_controller.json").read_text()) == {"image_size": 64}
+    res = _run(str(SCRIPTS / "pretrain_vision.py"), str(init), str(tmp_path / "probe"), str(tmp_path / "syn"),
+               "--steps", "2", "--images", "6", "--heldout", "3", "--batch-size", "3", "--probe")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "probe" / "probe.json").read_text())["probe"]["curve"][-1]["step"] == 2
+    assert not (tmp_path / "probe" / "config.json").exists()  # a probe writes readings, not a model
 
     for args, says in (([str(tmp_path / "nope"), str(tmp_path / "o1"), str(tmp_path / "syn")], "not a clvr-mini-vlm"),
                        ([str(init), str(init), str(tmp_path / "syn")], "must differ"),

@@ -13,7 +13,9 @@ The images are downscaled exactly as the controller sends them (``conversation.d
 ``image_size``) and patchified by the folder's own processor, so the tower learns the tokens inference gives it.
 
 Usage: python scripts/clvr_mini/pretrain_vision.py INIT_DIR OUT_DIR SRC [SRC ...] [--steps 3000]
-       [--batch-size 64] [--learning-rate 1e-3] [--images 16000] [--heldout 1000] [--seed 0]
+       [--batch-size 64] [--learning-rate 1e-3] [--images 16000] [--heldout 1000] [--seed 0] [--probe]
+``--probe`` freezes the tower and trains only the head: the same readings as a linear probe of any folder's tower
+(what found the shipped one blind), written to OUT_DIR/probe.json.
 SRC: folders whose ``**/*.png`` are ShapeWorld canvases (e.g. `clvr synth` outputs). Writes OUT_DIR as a full
 controller folder (built beside it, moved in) whose ``clvr_mini_vlm.json`` records the stage and its held-out
 readings; bad input exits 2 before any work.
@@ -98,7 +100,9 @@ def readings(head_logits: torch.Tensor, targets: torch.Tensor, grid: int) -> dic
 
 
 def pretrain(init: Path, out: Path, sources: list[Path], *, steps: int, batch_size: int, lr: float, images: int,
-             heldout: int, seed: int, eval_every: int = 500) -> dict:
+             heldout: int, seed: int, eval_every: int = 500, probe: bool = False) -> dict:
+    """Train the tower and a per-cell head; ``probe``: train the head only (a linear probe of the tower as it is)
+    and write ``OUT/probe.json`` instead of a model folder."""
     torch.manual_seed(seed)
     model, processor = load_qwen3_vl(str(init), torch_dtype="float32", device="cpu")
     settings = json.loads((init / CONTROLLER_SETTINGS).read_text())
@@ -130,7 +134,7 @@ def pretrain(init: Path, out: Path, sources: list[Path], *, steps: int, batch_si
     pos_weight = ((1 - pos) / pos).clamp(max=50.0)
     for p in model.parameters():
         p.requires_grad_(False)
-    params = [p for p in vision.parameters()] + list(head.parameters())
+    params = ([] if probe else list(vision.parameters())) + list(head.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -142,12 +146,12 @@ def pretrain(init: Path, out: Path, sources: list[Path], *, steps: int, batch_si
         vision.eval()
         with torch.no_grad():
             logits = torch.cat([head(tokens(held_idx[i:i + 128])) for i in range(0, len(held_idx), 128)])
-        vision.train()
+        vision.train(not probe)
         return readings(logits, targets[held_idx], grid)
 
     curve = [{"step": 0, **evaluate()}]
     print(json.dumps(curve[-1]), flush=True)
-    vision.train()
+    vision.train(not probe)
     for step in range(1, steps + 1):
         idx = rng.sample(train_idx, batch_size)
         logits = head(tokens(idx))
@@ -162,11 +166,15 @@ def pretrain(init: Path, out: Path, sources: list[Path], *, steps: int, batch_si
             curve.append({"step": step, "loss": round(loss.item(), 4), **evaluate()})
             print(json.dumps(curve[-1]), flush=True)
     vision.eval()
+    record = {"sources": [str(s) for s in sources], "images": len(train_idx), "heldout": heldout, "steps": steps,
+              "batch_size": batch_size, "learning_rate": lr, "seed": seed, "grid": grid, "curve": curve}
+    if probe:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "probe.json").write_text(json.dumps({"init": str(init), "probe": record}, indent=2) + "\n")
+        return curve[-1]
     made = next((f for f in (init / "clvr_mini_vlm_init.json", init / "clvr_mini_vlm.json") if f.is_file()), None)
     info = {"init": json.loads(made.read_text()) if made else {"folder": str(init)},
-            "pretrain_vision": {"sources": [str(s) for s in sources], "images": len(train_idx), "heldout": heldout,
-                                "steps": steps, "batch_size": batch_size, "learning_rate": lr, "seed": seed,
-                                "grid": grid, "curve": curve}}
+            "pretrain_vision": record}
     write_vlm_folder(out, model, processor, settings, info)
     return curve[-1]
 
@@ -183,6 +191,8 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=1000)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe", action="store_true",
+                   help="freeze the tower and train only the head: a linear probe; writes OUT_DIR/probe.json")
     a = p.parse_args()
     if min(a.steps, a.batch_size, a.images, a.heldout, a.eval_every) < 1 or not a.learning_rate > 0:
         p.error("--steps, --batch-size, --images, --heldout and --eval-every must be >= 1, --learning-rate > 0")
@@ -195,7 +205,7 @@ def main() -> None:
         p.error(f"not a folder: {', '.join(missing)}")
     try:
         final = pretrain(a.init, a.out, a.sources, steps=a.steps, batch_size=a.batch_size, lr=a.learning_rate,
-                         images=a.images, heldout=a.heldout, seed=a.seed, eval_every=a.eval_every)
+                         images=a.images, heldout=a.heldout, seed=a.seed, eval_every=a.eval_every, probe=a.probe)
     except ValueError as e:  # nothing is written before training ends
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
