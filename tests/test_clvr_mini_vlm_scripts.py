@@ -236,3 +236,39 @@ def test_pretrain_vision_trains_the_tower_only_and_writes_a_controller_folder(tm
         bad = _run(str(SCRIPTS / "pretrain_vision.py"), *args)
         assert bad.returncode == 2 and says in bad.stderr, bad.stderr
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+def test_drill_calls_ask_one_object_the_canvas_alone_answers(tmp_path):
+    from PIL import Image
+
+    sys.path.insert(0, str(SCRIPTS))
+    from drill_calls import score
+
+    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
+    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
+    from clvr_agent.training.sft_vlm import load_calls
+    from clvr_agent.training.synth import SynthConfig, synthesize
+    from clvr_agent.types import Verdict
+
+    synthesize(SynthConfig(out=str(tmp_path / "syn"), n=12, seed=4, record_calls=True, progress=False),
+               ShapeWorldExecutor(), ShapeWorldController())
+    res = _run(str(SCRIPTS / "drill_calls.py"), str(tmp_path / "dr"), str(tmp_path / "syn"), "--n", "30", "--seed", "1")
+    assert res.returncode == 0, res.stderr
+    counts = json.loads((tmp_path / "dr" / "drill.json").read_text())["counts"]
+    assert counts["verify:met"] >= 10 and counts["verify:unmet"] >= 10  # half asked present, half absent
+    drills = load_calls(tmp_path / "dr")  # sft-vlm reads it in place
+    oracle = ShapeWorldController()
+    for c in drills:
+        assert c.task == "verify" and not c.history and len(c.plan.constraints) == 1
+        with Image.open(c.image.path) as im:
+            assert Verdict.model_validate_json(c.reply) == oracle.verify(c.prompt, c.plan, im.convert("RGB"), [])
+    assert score(drills, oracle)["balanced"] == 1.0
+
+    class Yes:  # answers "satisfied" without looking
+        def verify(self, prompt, plan, canvas, history):
+            return Verdict(satisfied=True, score=1.0, constraints=[])
+
+    assert score(drills, Yes())["balanced"] == 0.5
+    for args, says in (([str(tmp_path / "x")], "SRC"), ([str(tmp_path / "x"), "--score", "clvr-mini-vlm"], "calls-drill")):
+        bad = _run(str(SCRIPTS / "drill_calls.py"), *args)
+        assert bad.returncode == 2 and says in bad.stderr, bad.stderr
