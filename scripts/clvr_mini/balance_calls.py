@@ -43,6 +43,20 @@ def read_calls(sources: list[Path]) -> list[ControllerCall]:
     return out
 
 
+def write_calls(out: Path, name: str, calls: list[ControllerCall], report: dict, args) -> None:
+    """``out/calls-<name>.jsonl`` (written beside, then moved in) and ``out/<report file>`` with the parsed args."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f"calls-{name}.jsonl.tmp"
+    tmp.write_text("".join(c.model_dump_json() + "\n" for c in calls))
+    tmp.replace(out / f"calls-{name}.jsonl")
+    report["args"] = {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
+                      for k, v in vars(args).items()}
+    (out / REPORTS[name]).write_text(json.dumps(report, indent=2) + "\n")
+
+
+REPORTS = {"balanced": "balance.json", "swapped": "swap.json", "drill": "drill.json"}
+
+
 def outcome(call: ControllerCall) -> str:
     """``task`` plus the verdict it teaches: verify:met / verify:unmet, check:done / check:missed."""
     reply = json.loads(call.reply)
@@ -87,12 +101,8 @@ def main() -> None:
     calls = read_calls(a.sources)
     kept = balance(calls, satisfied_per_unmet=a.satisfied_per_unmet, executed_per_missed=a.executed_per_missed,
                    correct_repeat=a.correct_repeat, plans=a.plans, rng=random.Random(a.seed))
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "calls-balanced.jsonl").write_text("".join(c.model_dump_json() + "\n" for c in kept))
-    report = {"read": dict(Counter(outcome(c) for c in calls)), "written": dict(Counter(outcome(c) for c in kept)),
-              "args": {k: (str(v) if isinstance(v, Path) else [str(s) for s in v] if isinstance(v, list) else v)
-                       for k, v in vars(a).items()}}
-    (a.out / "balance.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = {"read": dict(Counter(outcome(c) for c in calls)), "written": dict(Counter(outcome(c) for c in kept))}
+    write_calls(a.out, "balanced", kept, report, a)
     print(json.dumps({"read": report["read"], "written": report["written"]}))
 
 

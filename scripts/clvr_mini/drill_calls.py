@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from balance_calls import read_calls  # noqa: E402
+from balance_calls import read_calls, write_calls  # noqa: E402
 
 from clvr_agent.tools.conversation import ControllerCall  # noqa: E402
 from clvr_agent.tools.shapeworld.controller import ShapeWorldController  # noqa: E402
@@ -92,7 +92,8 @@ def main() -> None:
 
         if not (a.out / "calls-drill.jsonl").is_file():
             p.error(f"{a.out} holds no calls-drill.jsonl (write drills there first)")
-        result = {"vlm": a.score, **score(load_calls(a.out), get_controller("qwen3-vl", vlm=a.score, torch_dtype="float32", device="cpu"))}
+        controller = get_controller("qwen3-vl", vlm=a.score, torch_dtype="float32", device="cpu")
+        result = {"vlm": a.score, **score(load_calls(a.out), controller)}
         name = Path(a.score).name
         (a.out / f"score-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result))
@@ -106,13 +107,8 @@ def main() -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    a.out.mkdir(parents=True, exist_ok=True)
-    tmp = a.out / "calls-drill.jsonl.tmp"
-    tmp.write_text("".join(c.model_dump_json() + "\n" for c in calls))
-    tmp.replace(a.out / "calls-drill.jsonl")
-    report = {"written": len(calls), "counts": dict(counts), "args": {"sources": [str(s) for s in a.sources],
-                                                                     "n": a.n, "seed": a.seed}}
-    (a.out / "drill.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = {"written": len(calls), "counts": dict(counts)}
+    write_calls(a.out, "drill", calls, report, a)
     print(json.dumps(report["counts"]))
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from balance_calls import read_calls  # noqa: E402
+from balance_calls import read_calls, write_calls  # noqa: E402
 
 from clvr_agent.tools.shapeworld.controller import ShapeWorldController  # noqa: E402
 
@@ -110,14 +110,8 @@ def main() -> None:
     calls, counts = swap(read_calls(a.sources), a.n, a.seed, a.same_tag, a.same_prompt, a.satisfied)
     if len(calls) < a.n:
         print(f"warning: wrote {len(calls)} of {a.n} (the draws rarely give the verdicts asked)", file=sys.stderr)
-    a.out.mkdir(parents=True, exist_ok=True)
-    tmp = a.out / "calls-swapped.jsonl.tmp"
-    tmp.write_text("".join(c.model_dump_json() + "\n" for c in calls))
-    tmp.replace(a.out / "calls-swapped.jsonl")
-    report = {"written": len(calls), "counts": dict(counts),
-              "args": {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
-                       for k, v in vars(a).items()}}
-    (a.out / "swap.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = {"written": len(calls), "counts": dict(counts)}
+    write_calls(a.out, "swapped", calls, report, a)
     print(json.dumps(report["counts"]))
 
 
