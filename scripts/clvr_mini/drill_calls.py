@@ -44,8 +44,11 @@ def drills(calls: list[ControllerCall], n: int, seed: int) -> tuple[list[Control
     rng = random.Random(seed)
     teacher = ShapeWorldController()
     pairs = [(c, s) for c in PALETTE for s in CLASSES]
-    out, counts = [], Counter()
+    out, counts, tries = [], Counter(), 0
     while len(out) < n:
+        tries += 1
+        if tries > 50 * n:
+            raise ValueError(f"the detector finds no object on the sources' canvases ({len(out)} drills of {n})")
         ref = rng.choice(images)
         canvas = ref.open()
         present = sorted({(d.color, d.cls) for d in detect(canvas) if d.color in PALETTE})
