@@ -272,3 +272,26 @@ def test_drill_calls_ask_one_object_the_canvas_alone_answers(tmp_path):
     for args, says in (([str(tmp_path / "x")], "SRC"), ([str(tmp_path / "x"), "--score", "clvr-mini-vlm"], "calls-drill")):
         bad = _run(str(SCRIPTS / "drill_calls.py"), *args)
         assert bad.returncode == 2 and says in bad.stderr, bad.stderr
+
+
+def test_pretrain_vision_killed_mid_run_leaves_no_output_folder(tmp_path):
+    """A user kills the stage while it trains: OUT is either absent or whole (it is built beside and moved in)."""
+    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
+    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
+    from clvr_agent.training.synth import SynthConfig, synthesize
+
+    init = tmp_path / "init"
+    _saved_tiny_vlm(init, seed=0)
+    synthesize(SynthConfig(out=str(tmp_path / "syn"), n=16, seed=2, progress=False),
+               ShapeWorldExecutor(), ShapeWorldController())
+    out = tmp_path / "pv"
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "pretrain_vision.py"), str(init), str(out),
+                             str(tmp_path / "syn"), "--steps", "100000", "--images", "6", "--heldout", "3",
+                             "--batch-size", "3", "--eval-every", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert '"step": 0' in proc.stdout.readline()  # training has started
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert not out.exists()

@@ -36,7 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from ship_vlm import write_vlm_folder  # noqa: E402
+from ship_vlm import init_record, write_vlm_folder  # noqa: E402
 
 from clvr_agent.tools.conversation import downscale  # noqa: E402
 from clvr_agent.tools.qwen3_vl import CONTROLLER_SETTINGS, load_qwen3_vl  # noqa: E402
@@ -176,10 +176,7 @@ def pretrain(init: Path, out: Path, sources: list[Path], *, steps: int, batch_si
         out.mkdir(parents=True, exist_ok=True)
         (out / "probe.json").write_text(json.dumps({"init": str(init), "probe": record}, indent=2) + "\n")
         return curve[-1]
-    made = next((f for f in (init / "clvr_mini_vlm_init.json", init / "clvr_mini_vlm.json") if f.is_file()), None)
-    info = {"init": json.loads(made.read_text()) if made else {"folder": str(init)},
-            "pretrain_vision": record}
-    write_vlm_folder(out, model, processor, settings, info)
+    write_vlm_folder(out, model, processor, settings, {"init": init_record(init), "pretrain_vision": record})
     return curve[-1]
 
 

@@ -39,6 +39,12 @@ def write_vlm_folder(out: Path, model, processor, settings: dict, info: dict) ->
     tmp.rename(out)
 
 
+def init_record(init: Path) -> dict:
+    """What an init folder says of itself: an init_vlm.py folder how it was built, a shipped folder what it was."""
+    made = next((f for f in (init / "clvr_mini_vlm_init.json", init / "clvr_mini_vlm.json") if f.is_file()), None)
+    return json.loads(made.read_text()) if made else {"folder": str(init)}
+
+
 def export(init: Path, ckpt: Path, out: Path, note: str = "") -> dict:
     model, processor = load_qwen3_vl(str(init), torch_dtype="float32", device="cpu")
     # checkpoints/step-N/model.safetensors (accelerate's save_state); older runs wrote trainable.safetensors
@@ -55,10 +61,7 @@ def export(init: Path, ckpt: Path, out: Path, note: str = "") -> dict:
         for name, value in sd.items():
             params[name].copy_(value)
     settings = json.loads((init / CONTROLLER_SETTINGS).read_text())
-    # an init_vlm.py folder says how it was built; a shipped folder (same sizes and vocabulary) says what it was
-    made = next((f for f in (init / "clvr_mini_vlm_init.json", init / "clvr_mini_vlm.json") if f.is_file()), None)
-    info = {"checkpoint": ckpt.name, "step": int(ckpt.name.rsplit("-", 1)[1]),
-            "init": json.loads(made.read_text()) if made else {"folder": str(init)}, "note": note}
+    info = {"checkpoint": ckpt.name, "step": int(ckpt.name.rsplit("-", 1)[1]), "init": init_record(init), "note": note}
     write_vlm_folder(out, model, processor, settings, info)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     if size > MAX_MB:
