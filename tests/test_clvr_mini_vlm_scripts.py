@@ -295,3 +295,49 @@ def test_pretrain_vision_killed_mid_run_leaves_no_output_folder(tmp_path):
         proc.kill()
         proc.wait(timeout=60)
     assert not out.exists()
+
+
+def test_pretrain_vision_word_head_reads_canvases_through_the_prompt_words(tmp_path):
+    """--word-head: a cell's colour and shape logits are its token's dot product with the embeddings of the
+    words prompts use (" red", " circle"); the deepstack mergers learn the same reading; the LM is untouched."""
+    import torch
+
+    sys.path.insert(0, str(SCRIPTS))
+    from pretrain_vision import COLOURS, SHAPES, WordHead, word_ids
+
+    from clvr_agent.tools.qwen3_vl import load_qwen3_vl
+    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
+    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
+    from clvr_agent.training.synth import SynthConfig, synthesize
+
+    shipped = SCRIPTS.parents[1] / "tools" / "models" / "clvr-mini-vlm"
+    model, processor = load_qwen3_vl(str(shipped), torch_dtype="float32", device="cpu")
+    ids = word_ids(processor.tokenizer)
+    assert processor.tokenizer.decode(ids[COLOURS.index("red")]).strip() == "red"
+    embed = model.get_input_embeddings().weight.detach()
+    head = WordHead(embed.shape[1], embed[ids])
+    token = embed[ids[COLOURS.index("red")]] + embed[ids[len(COLOURS) + SHAPES.index("circle")]]
+    logits = head(token[None])[0, len(COLOURS) * len(SHAPES):]
+    assert int(logits[:len(COLOURS)].argmax()) == COLOURS.index("red")
+    assert int(logits[len(COLOURS):].argmax()) == SHAPES.index("circle")
+
+    synthesize(SynthConfig(out=str(tmp_path / "syn"), n=16, seed=2, progress=False),
+               ShapeWorldExecutor(), ShapeWorldController())
+    out = tmp_path / "pw"
+    res = _run(str(SCRIPTS / "pretrain_vision.py"), str(shipped), str(out), str(tmp_path / "syn"), "--steps", "2",
+               "--images", "6", "--heldout", "3", "--batch-size", "3", "--eval-every", "2", "--word-head")
+    assert res.returncode == 0, res.stderr
+    after, _ = load_qwen3_vl(str(out), torch_dtype="float32", device="cpu")
+    b, a = dict(model.named_parameters()), dict(after.named_parameters())
+    deep = [n for n in b if ".deepstack_merger_list." in n]
+    assert deep and any(not torch.equal(b[n], a[n]) for n in deep)  # the deepstack tokens learn the words too
+    assert all(torch.equal(b[n], a[n]) for n in b if not n.startswith("model.visual."))
+    record = json.loads((out / "clvr_mini_vlm.json").read_text())["pretrain_vision"]
+    assert record["word_head"] is True and record["curve"][-1]["token_norm"] > 0
+
+    init = tmp_path / "chars"  # the tiny test vocabulary spells words letter by letter: no word to read through
+    _saved_tiny_vlm(init, seed=0)
+    bad = _run(str(SCRIPTS / "pretrain_vision.py"), str(init), str(tmp_path / "o4"), str(tmp_path / "syn"),
+               "--steps", "2", "--images", "6", "--heldout", "3", "--batch-size", "3", "--word-head")
+    assert bad.returncode == 2 and "one token per colour and shape word" in bad.stderr, bad.stderr
+    assert not (tmp_path / "o4").exists()

@@ -13,7 +13,14 @@ The images are downscaled exactly as the controller sends them (``conversation.d
 ``image_size``) and patchified by the folder's own processor, so the tower learns the tokens inference gives it.
 
 Usage: python scripts/clvr_mini/pretrain_vision.py INIT_DIR OUT_DIR SRC [SRC ...] [--steps 3000]
-       [--batch-size 64] [--learning-rate 1e-3] [--images 16000] [--heldout 1000] [--seed 0] [--probe]
+       [--batch-size 64] [--learning-rate 1e-3] [--images 16000] [--heldout 1000] [--seed 0] [--word-head]
+       [--probe]
+``--word-head`` reads the colour and shape labels through the language model's own input embeddings of those
+words (a cell's colour logit is its token's dot product with the embedding of " red"), for the main merger and
+each deepstack merger alike: the image tokens learn to look like the words that name what is in their cell,
+so the language model can match a prompt's words against the canvas the way it matches repeated words in text
+(issue 18: with a free head the tower read colour at 0.99, yet the controller never learned to ask it which
+colour the prompt names). The tokens are also held near the text embeddings' norm.
 ``--probe`` freezes the tower and trains only the head: the same readings as a linear probe of any folder's tower
 (what found the shipped one blind), written to OUT_DIR/probe.json.
 SRC: folders whose ``**/*.png`` are ShapeWorld canvases (e.g. `clvr synth` outputs). Writes OUT_DIR as a full
@@ -103,8 +110,34 @@ def readings(head_logits: torch.Tensor, targets: torch.Tensor, grid: int) -> dic
                                                         img_t[:, -len(SHAPES):])}
 
 
+class WordHead(torch.nn.Module):
+    """Per-token logits over ``N_LABELS``: colour+shape pairs through a free linear map; colours and shapes as the
+    token's dot product with the (frozen) input embeddings of their words, times a learned temperature."""
+
+    def __init__(self, width: int, word_embeddings: torch.Tensor):
+        super().__init__()
+        self.pairs = torch.nn.Linear(width, len(COLOURS) * len(SHAPES))
+        self.register_buffer("words", word_embeddings / word_embeddings.norm(dim=-1, keepdim=True))
+        self.temperature = torch.nn.Parameter(torch.tensor(1.0))
+        self.bias = torch.nn.Parameter(torch.zeros(len(word_embeddings)))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.pairs(h), self.temperature * h @ self.words.T + self.bias], dim=-1)
+
+
+def word_ids(tokenizer) -> list[int]:
+    """The token of each colour and shape name as prompts spell it (after a space); one token each or an error."""
+    ids = []
+    for w in [*COLOURS, *SHAPES]:
+        got = tokenizer(" " + w, add_special_tokens=False).input_ids
+        if len(got) != 1:
+            raise ValueError(f"--word-head needs one token per colour and shape word; {w!r} is {len(got)} tokens")
+        ids.append(got[0])
+    return ids
+
+
 def pretrain(init: Path, out: Path, sources: list[Path], *, steps: int, batch_size: int, lr: float, images: int,
-             heldout: int, seed: int, eval_every: int = 500, probe: bool = False) -> dict:
+             heldout: int, seed: int, eval_every: int = 500, probe: bool = False, word_head: bool = False) -> dict:
     """Train the tower and a per-cell head; ``probe``: train the head only (a linear probe of the tower as it is)
     and write ``OUT/probe.json`` instead of a model folder."""
     torch.manual_seed(seed)
@@ -123,16 +156,23 @@ def pretrain(init: Path, out: Path, sources: list[Path], *, steps: int, batch_si
     targets = torch.from_numpy(targets)
     train_idx, held_idx = list(range(heldout, len(pics))), list(range(heldout))
 
-    def tokens(idx: list[int]) -> torch.Tensor:
+    def tokens(idx: list[int], deepstack: bool = False):
         enc = processor.image_processor(images=[pics[i] for i in idx], return_tensors="pt")
         grids = enc["image_grid_thw"]
         side = grid * vision.config.spatial_merge_size
         if not bool((grids == torch.tensor([1, side, side])).all()):
             raise ValueError(f"the processor patchified a {size}px canvas into {grids[0].tolist()}, "
                              f"not {grid} x {grid} tokens (processor size and image_size disagree)")
-        return vision(enc["pixel_values"], grid_thw=grids, return_dict=True).pooler_output
+        got = vision(enc["pixel_values"], grid_thw=grids, return_dict=True)
+        return [got.pooler_output, *got.deepstack_features] if deepstack else got.pooler_output
 
-    head = torch.nn.Linear(model.config.vision_config.out_hidden_size, N_LABELS)
+    width = model.config.vision_config.out_hidden_size
+    if word_head:
+        embed = model.get_input_embeddings().weight.detach()
+        head = WordHead(width, embed[word_ids(processor.tokenizer)].clone())
+        text_norm = float(embed.norm(dim=-1).mean())
+    else:
+        head = torch.nn.Linear(width, N_LABELS)
     # positives are rare (a few objects in grid*grid cells): weigh them up to the negatives' share
     pos = targets[heldout:].reshape(-1, N_LABELS).mean(0).clamp(min=1e-4)
     pos_weight = ((1 - pos) / pos).clamp(max=50.0)
@@ -149,18 +189,22 @@ def pretrain(init: Path, out: Path, sources: list[Path], *, steps: int, batch_si
     def evaluate() -> dict:
         vision.eval()
         with torch.no_grad():
-            logits = torch.cat([head(tokens(held_idx[i:i + 128])) for i in range(0, len(held_idx), 128)])
+            toks = torch.cat([tokens(held_idx[i:i + 128]) for i in range(0, len(held_idx), 128)])
+            logits = head(toks)
         vision.train(not probe)
-        return readings(logits, targets[held_idx], grid)
+        return {**readings(logits, targets[held_idx], grid), "token_norm": float(toks.norm(dim=-1).mean())}
 
     curve = [{"step": 0, **evaluate()}]
     print(json.dumps(curve[-1]), flush=True)
     vision.train(not probe)
     for step in range(1, steps + 1):
         idx = rng.sample(train_idx, batch_size)
-        logits = head(tokens(idx))
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, targets[idx].reshape(-1, N_LABELS), pos_weight=pos_weight)
+        outs = tokens(idx, deepstack=word_head and not probe)
+        outs = outs if isinstance(outs, list) else [outs]
+        loss = sum(torch.nn.functional.binary_cross_entropy_with_logits(
+            head(h), targets[idx].reshape(-1, N_LABELS), pos_weight=pos_weight) for h in outs) / len(outs)
+        if word_head and not probe:  # tokens the size of word embeddings, as the language model's inputs are
+            loss = loss + 0.1 * sum(((h.norm(dim=-1) - text_norm).relu() ** 2).mean() for h in outs) / len(outs)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -171,7 +215,8 @@ def pretrain(init: Path, out: Path, sources: list[Path], *, steps: int, batch_si
             print(json.dumps(curve[-1]), flush=True)
     vision.eval()
     record = {"sources": [str(s) for s in sources], "images": len(train_idx), "heldout": heldout, "steps": steps,
-              "batch_size": batch_size, "learning_rate": lr, "seed": seed, "grid": grid, "curve": curve}
+              "batch_size": batch_size, "learning_rate": lr, "seed": seed, "grid": grid, "word_head": word_head,
+              "curve": curve}
     if probe:
         out.mkdir(parents=True, exist_ok=True)
         (out / "probe.json").write_text(json.dumps({"init": str(init), "probe": record}, indent=2) + "\n")
@@ -192,6 +237,8 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=1000)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--word-head", action="store_true",
+                   help="read colours and shapes through the language model's embeddings of their words")
     p.add_argument("--probe", action="store_true",
                    help="freeze the tower and train only the head: a linear probe; writes OUT_DIR/probe.json")
     a = p.parse_args()
@@ -206,7 +253,8 @@ def main() -> None:
         p.error(f"not a folder: {', '.join(missing)}")
     try:
         final = pretrain(a.init, a.out, a.sources, steps=a.steps, batch_size=a.batch_size, lr=a.learning_rate,
-                         images=a.images, heldout=a.heldout, seed=a.seed, eval_every=a.eval_every, probe=a.probe)
+                         images=a.images, heldout=a.heldout, seed=a.seed, eval_every=a.eval_every, probe=a.probe,
+                         word_head=a.word_head)
     except ValueError as e:  # nothing is written before training ends
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
