@@ -341,3 +341,47 @@ def test_pretrain_vision_word_head_reads_canvases_through_the_prompt_words(tmp_p
                "--steps", "2", "--images", "6", "--heldout", "3", "--batch-size", "3", "--word-head")
     assert bad.returncode == 2 and "one token per colour and shape word" in bad.stderr, bad.stderr
     assert not (tmp_path / "o4").exists()
+
+
+def test_drill_learn_trains_the_verdict_token_and_scores_held_out_drills(tmp_path):
+    """drill_learn.py: trains a copy of the model on the decisive token only; the folder is untouched; the curve
+    holds threshold-free held-out scores; each --label's answers are what the canvas shows."""
+    sys.path.insert(0, str(SCRIPTS))
+    from drill_learn import answers, auc, balanced
+
+    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
+    from clvr_agent.tools.shapeworld.detect import detect
+    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
+    from clvr_agent.training.sft_vlm import load_calls
+    from clvr_agent.training.synth import SynthConfig, synthesize
+
+    synthesize(SynthConfig(out=str(tmp_path / "syn"), n=12, seed=4, record_calls=True, progress=False),
+               ShapeWorldExecutor(), ShapeWorldController())
+    for name, seed in (("train", "1"), ("held", "2")):
+        res = _run(str(SCRIPTS / "drill_calls.py"), str(tmp_path / name), str(tmp_path / "syn"), "--n", "12",
+                   "--seed", seed)
+        assert res.returncode == 0, res.stderr
+    drills = load_calls(tmp_path / "held")
+    assert answers(drills, "verdict") == [json.loads(c.reply)["satisfied"] for c in drills]
+    for c, red, colour in zip(drills, answers(drills, "red"), answers(drills, "colour")):
+        seen = {d.color for d in detect(c.image.open())}
+        assert red == ("red" in seen) and colour == (c.prompt.split()[-2] in seen)
+    assert auc([2.0, 1.0, -1.0], [True, True, False]) == 1.0 and balanced([2.0, -1.0, -3.0], [True, True, False]) == 0.75
+
+    init = tmp_path / "vlm"
+    _saved_tiny_vlm(init, seed=0)
+    weights = (init / "model.safetensors").read_bytes()
+    out = tmp_path / "curve.json"
+    res = _run(str(SCRIPTS / "drill_learn.py"), str(init), str(tmp_path / "train"), str(tmp_path / "held"), str(out),
+               "--steps", "2", "--eval-every", "1", "--batch-size", "4")
+    assert res.returncode == 0, res.stderr
+    record = json.loads(out.read_text())
+    assert [p["step"] for p in record["curve"]] == [0, 1, 2] and record["held"] == 12
+    assert all(0.0 <= p["auc"] <= 1.0 and 0.0 <= p["balanced"] <= 1.0 for p in record["curve"])
+    assert (init / "model.safetensors").read_bytes() == weights  # a copy in memory trains; nothing is saved
+    for args, says in (([str(init), str(tmp_path / "syn"), str(tmp_path / "held"), str(tmp_path / "c.json")], "calls-drill"),
+                       ([str(init), str(tmp_path / "train"), str(tmp_path / "held"), str(tmp_path / "no" / "c.json")], "does not exist"),
+                       ([str(tmp_path / "nope"), str(tmp_path / "train"), str(tmp_path / "held"), str(tmp_path / "c.json")], "Qwen3-VL")):
+        bad = _run(str(SCRIPTS / "drill_learn.py"), *args)
+        assert bad.returncode == 2 and says in bad.stderr, bad.stderr
+    assert not (tmp_path / "c.json").exists()
