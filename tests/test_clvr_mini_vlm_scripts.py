@@ -367,21 +367,34 @@ def test_drill_learn_trains_the_verdict_token_and_scores_held_out_drills(tmp_pat
         seen = {d.color for d in detect(c.image.open())}
         assert red == ("red" in seen) and colour == (c.prompt.split()[-2] in seen)
     assert auc([2.0, 1.0, -1.0], [True, True, False]) == 1.0 and balanced([2.0, -1.0, -3.0], [True, True, False]) == 0.75
+    from PIL import Image, ImageDraw
+
+    from clvr_agent.tools.shapeworld.world import BACKGROUND, PALETTE
+    from drill_learn import caption
+
+    im = Image.new("RGB", (256, 256), tuple(BACKGROUND))
+    draw = ImageDraw.Draw(im)
+    draw.ellipse([20, 160, 80, 220], fill=PALETTE["blue"])
+    draw.rectangle([150, 20, 200, 70], fill=PALETTE["red"])
+    assert caption(im) == "found red square, blue circle"  # palette order, whatever the drawing order
+    assert caption(Image.new("RGB", (256, 256), tuple(BACKGROUND))) == "found nothing"
 
     init = tmp_path / "vlm"
     _saved_tiny_vlm(init, seed=0)
     weights = (init / "model.safetensors").read_bytes()
     out = tmp_path / "curve.json"
     res = _run(str(SCRIPTS / "drill_learn.py"), str(init), str(tmp_path / "train"), str(tmp_path / "held"), str(out),
-               "--steps", "2", "--eval-every", "1", "--batch-size", "4")
+               "--steps", "2", "--eval-every", "1", "--batch-size", "4", "--caption", "0.5", "--label", "colour")
     assert res.returncode == 0, res.stderr
     record = json.loads(out.read_text())
+    assert record["caption"] == 0.5 and record["label"] == "colour"
     assert [p["step"] for p in record["curve"]] == [0, 1, 2] and record["held"] == 12
     assert all(0.0 <= p["auc"] <= 1.0 and 0.0 <= p["balanced"] <= 1.0 for p in record["curve"])
     assert (init / "model.safetensors").read_bytes() == weights  # a copy in memory trains; nothing is saved
     for args, says in (([str(init), str(tmp_path / "syn"), str(tmp_path / "held"), str(tmp_path / "c.json")], "calls-drill"),
                        ([str(init), str(tmp_path / "train"), str(tmp_path / "held"), str(tmp_path / "no" / "c.json")], "does not exist"),
-                       ([str(tmp_path / "nope"), str(tmp_path / "train"), str(tmp_path / "held"), str(tmp_path / "c.json")], "Qwen3-VL")):
+                       ([str(tmp_path / "nope"), str(tmp_path / "train"), str(tmp_path / "held"), str(tmp_path / "c.json")], "Qwen3-VL"),
+                       ([str(init), str(tmp_path / "train"), str(tmp_path / "held"), str(tmp_path / "c.json"), "--caption", "1"], "share")):
         bad = _run(str(SCRIPTS / "drill_learn.py"), *args)
         assert bad.returncode == 2 and says in bad.stderr, bad.stderr
     assert not (tmp_path / "c.json").exists()

@@ -14,8 +14,14 @@ balanced accuracy of its sign. Nothing is saved but the curve.
 - ``red``: whether anything red is on the canvas: the same answer whatever the prompt says (no question to read).
 ``colour`` and ``red`` are read off the canvas by the ShapeWorld detector.
 
+``--caption F`` makes a fraction F of each batch caption conversations instead (the training drills' canvases;
+"Which objects are on the canvas?" answered with every object the detector finds, "found red circle, blue square",
+in a fixed order; loss on the whole reply). A drill's answer is a product of two things the model must learn
+together, which word the prompt names and what the canvas holds, so neither gets a gradient alone; a caption
+asks only the second.
+
 Usage: python scripts/clvr_mini/drill_learn.py VLM TRAIN HELD OUT.json [--label verdict] [--steps 1000]
-       [--batch-size 16] [--learning-rate 1e-3] [--eval-every 100] [--n-held 200] [--seed 0]
+       [--batch-size 16] [--learning-rate 1e-3] [--eval-every 100] [--n-held 200] [--caption 0] [--seed 0]
 TRAIN, HELD: `drill_calls.py` output folders (their calls-drill.jsonl). Bad input exits 2 before any work.
 """
 
@@ -44,6 +50,32 @@ def answers(calls, label: str) -> list[bool]:
     return out
 
 
+CAPTION_QUESTION = "Which objects are on the canvas?"
+
+
+def caption(image) -> str:
+    """Every object the detector finds, as "found <colour> <shape>, ...", in palette then shape order (a word-level
+    vocabulary spells the first word of a reply without its leading space: "found" is a word there)."""
+    from clvr_agent.tools.shapeworld.detect import detect
+    from clvr_agent.tools.shapeworld.world import CLASSES, PALETTE
+
+    colours, shapes = list(PALETTE), list(CLASSES)
+    found = sorted(((d.color, d.cls) for d in detect(image) if d.color in PALETTE and d.cls in CLASSES),
+                   key=lambda cs: (colours.index(cs[0]), shapes.index(cs[1])))
+    return "found " + (", ".join(f"{c} {s}" for c, s in found) or "nothing")
+
+
+def caption_conversation(image_path: str) -> list[dict]:
+    """A caption request laid out like a controller call: the question, then the canvas, in one user turn."""
+    from PIL import Image
+
+    with Image.open(image_path) as im:
+        canvas = im.convert("RGB")
+    return [{"role": "user", "content": [{"type": "text", "text": CAPTION_QUESTION},
+                                         {"type": "image", "image": canvas}]},
+            {"role": "assistant", "content": caption(canvas)}]
+
+
 def auc(scores: list[float], truth: list[bool]) -> float:
     pos = [s for s, t in zip(scores, truth) if t]
     neg = [s for s, t in zip(scores, truth) if not t]
@@ -59,7 +91,7 @@ def balanced(scores: list[float], truth: list[bool]) -> float:
 
 
 def learn(vlm: str, train_calls, held_calls, *, label: str, steps: int, batch_size: int, lr: float,
-          eval_every: int, seed: int) -> dict:
+          eval_every: int, seed: int, caption_share: float = 0.0) -> dict:
     import torch
 
     from clvr_agent.tools.conversation import RenderOptions
@@ -121,9 +153,14 @@ def learn(vlm: str, train_calls, held_calls, *, label: str, steps: int, batch_si
     random.Random(seed).shuffle(order)
     curve, t0, running = [{"step": 0, **evaluate()}], time.time(), None
     print(json.dumps(curve[-1]), flush=True)
+    n_caption = round(caption_share * batch_size)
     for step in range(1, steps + 1):
         idx = [order[i % len(order)] for i in range((step - 1) * batch_size, step * batch_size)]
-        loss, _ = trainer.loss(col.collate([decisive(train_calls[i], train_truth[i])[0] for i in idx]))
+        drills = [decisive(train_calls[i], train_truth[i])[0] for i in idx[n_caption:]]
+        loss = trainer.loss(col.collate(drills))[0] * len(drills) / batch_size if drills else 0.0
+        if n_caption:
+            caps = [col.encode(caption_conversation(train_calls[i].image.path)) for i in idx[:n_caption]]
+            loss = loss + trainer.loss(col.collate(caps), share_prefix=False)[0] * n_caption / batch_size
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainer.params, 1.0)
         trainer.optimizer.step()
@@ -134,7 +171,7 @@ def learn(vlm: str, train_calls, held_calls, *, label: str, steps: int, batch_si
             print(json.dumps(curve[-1]), flush=True)
     return {"vlm": vlm, "label": label, "train": len(train_calls), "held": len(held),
             "held_positive": sum(held_truth) / len(held_truth), "steps": steps, "batch_size": batch_size,
-            "learning_rate": lr, "seed": seed, "curve": curve}
+            "learning_rate": lr, "caption": caption_share, "seed": seed, "curve": curve}
 
 
 def main() -> None:
@@ -149,10 +186,13 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--n-held", type=int, default=200)
+    p.add_argument("--caption", type=float, default=0.0, help="share of each batch that is caption conversations")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     if min(a.steps, a.batch_size, a.eval_every, a.n_held) < 1 or not a.learning_rate > 0:
         p.error("--steps, --batch-size, --eval-every and --n-held must be >= 1, --learning-rate > 0")
+    if not 0.0 <= a.caption < 1.0:
+        p.error(f"--caption is a share of the batch in [0, 1), got {a.caption}")
     for d in (a.train, a.held):
         if not (d / "calls-drill.jsonl").is_file():
             p.error(f"{d} holds no calls-drill.jsonl (write drills there with drill_calls.py)")
@@ -163,7 +203,7 @@ def main() -> None:
     train, held = load_calls(a.train), load_calls(a.held)[:a.n_held]
     try:
         result = learn(a.vlm, train, held, label=a.label, steps=a.steps, batch_size=a.batch_size,
-                       lr=a.learning_rate, eval_every=a.eval_every, seed=a.seed)
+                       lr=a.learning_rate, eval_every=a.eval_every, seed=a.seed, caption_share=a.caption)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
