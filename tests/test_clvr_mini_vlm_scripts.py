@@ -347,7 +347,7 @@ def test_drill_learn_trains_the_verdict_token_and_scores_held_out_drills(tmp_pat
     """drill_learn.py: trains a copy of the model on the decisive token only; the folder is untouched; the curve
     holds threshold-free held-out scores; each --label's answers are what the canvas shows."""
     sys.path.insert(0, str(SCRIPTS))
-    from drill_learn import answers, auc, balanced
+    from drill_learn import answers, auc, auc_interval, balanced
 
     from clvr_agent.tools.shapeworld.controller import ShapeWorldController
     from clvr_agent.tools.shapeworld.detect import detect
@@ -389,7 +389,9 @@ def test_drill_learn_trains_the_verdict_token_and_scores_held_out_drills(tmp_pat
     record = json.loads(out.read_text())
     assert record["caption"] == 0.5 and record["label"] == "colour"
     assert [p["step"] for p in record["curve"]] == [0, 1, 2] and record["held"] == 12
-    assert all(0.0 <= p["auc"] <= 1.0 and 0.0 <= p["balanced"] <= 1.0 for p in record["curve"])
+    assert all(p["auc_95"][0] <= p["auc"] <= p["auc_95"][1] and 0.0 <= p["balanced"] <= 1.0 for p in record["curve"])
+    lo, hi = auc_interval(0.5, 122, 78)  # chance, 200 drills: the interval a curve must leave to have learned
+    assert 0.41 < lo < 0.43 and 0.57 < hi < 0.59
     assert (init / "model.safetensors").read_bytes() == weights  # a copy in memory trains; nothing is saved
     for args, says in (([str(init), str(tmp_path / "syn"), str(tmp_path / "held"), str(tmp_path / "c.json")], "calls-drill"),
                        ([str(init), str(tmp_path / "train"), str(tmp_path / "held"), str(tmp_path / "no" / "c.json")], "does not exist"),

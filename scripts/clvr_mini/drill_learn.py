@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import time
@@ -82,6 +83,13 @@ def auc(scores: list[float], truth: list[bool]) -> float:
     if not pos or not neg:
         return float("nan")
     return sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
+
+
+def auc_interval(a: float, n_pos: int, n_neg: int) -> list[float]:
+    """95 % interval of an AUC from its standard error (Hanley and McNeil, 1982)."""
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    se = math.sqrt(max(0.0, a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg))
+    return [round(max(0.0, a - 1.96 * se), 4), round(min(1.0, a + 1.96 * se), 4)]
 
 
 def balanced(scores: list[float], truth: list[bool]) -> float:
@@ -147,7 +155,9 @@ def learn(vlm: str, train_calls, held_calls, *, label: str, steps: int, batch_si
                 for r, (_, pos) in enumerate(chunk):
                     scores.append(float(logits[r, pos - 1, ids[True]] - logits[r, pos - 1, ids[False]]))
         trainer.run.train()
-        return {"auc": round(auc(scores, held_truth), 4), "balanced": round(balanced(scores, held_truth), 4)}
+        a, n_pos = auc(scores, held_truth), sum(held_truth)
+        return {"auc": round(a, 4), "auc_95": auc_interval(a, n_pos, len(held_truth) - n_pos),
+                "balanced": round(balanced(scores, held_truth), 4)}
 
     order = list(range(len(train_calls)))
     random.Random(seed).shuffle(order)
