@@ -143,6 +143,7 @@ def pretrain(init: Path, out: Path, sources: list[Path], *, steps: int, batch_si
     torch.manual_seed(seed)
     model, processor = load_qwen3_vl(str(init), torch_dtype="float32", device="cpu")
     settings = json.loads((init / CONTROLLER_SETTINGS).read_text())
+    words = word_ids(processor.tokenizer) if word_head else None  # before minutes of reading canvases
     size = int(settings["image_size"])
     vision = model.model.visual
     unit = vision.config.patch_size * vision.config.spatial_merge_size
@@ -169,7 +170,7 @@ def pretrain(init: Path, out: Path, sources: list[Path], *, steps: int, batch_si
     width = model.config.vision_config.out_hidden_size
     if word_head:
         embed = model.get_input_embeddings().weight.detach()
-        head = WordHead(width, embed[word_ids(processor.tokenizer)].clone())
+        head = WordHead(width, embed[words].clone())
         text_norm = float(embed.norm(dim=-1).mean())
     else:
         head = torch.nn.Linear(width, N_LABELS)
