@@ -111,6 +111,7 @@ def learn(vlm: str, train_calls, held_calls, *, label: str, steps: int, batch_si
     model, processor = load_qwen3_vl(vlm, torch_dtype="float32", device="cpu")
     keys = ("image_size", "history_token_budget", "history_images")  # the settings the controller renders with
     opts = RenderOptions(**{k: v for k, v in controller_settings(vlm).items() if k in keys})
+    # the trainer supplies the loss, optimizer and collator; it writes only when train() or a save is called: never here
     cfg = SFTVLMConfig(output_dir=str(Path("/nonexistent") / "drill-learn"), max_steps=steps, batch_size=batch_size,
                        learning_rate=lr, lr_scheduler="constant", warmup_steps=0, train_vision=True,
                        image_size=opts.image_size, history_token_budget=opts.history_token_budget,
