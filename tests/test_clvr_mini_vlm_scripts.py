@@ -14,6 +14,16 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
 
 
+def _synth(folder: Path, *, n: int, seed: int, record_calls: bool = False) -> None:
+    """`clvr synth` with the ShapeWorld executor and controller (the teacher) into ``folder``."""
+    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
+    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
+    from clvr_agent.training.synth import SynthConfig, synthesize
+
+    synthesize(SynthConfig(out=str(folder), n=n, seed=seed, record_calls=record_calls, progress=False),
+               ShapeWorldExecutor(), ShapeWorldController())
+
+
 def _saved_tiny_vlm(folder: Path, seed: int):
     """A tiny random Qwen3-VL saved as a controller folder (image size 64); returns (model, processor)."""
     from clvr_agent.tools.tiny_vlm import build_tiny_qwen3_vl
@@ -26,16 +36,12 @@ def _saved_tiny_vlm(folder: Path, seed: int):
 
 
 def test_synth_harsh_records_more_failures_than_the_default_executor(tmp_path):
-    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
-    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
-    from clvr_agent.training.synth import SynthConfig, synthesize
 
     res = _run(str(SCRIPTS / "synth_harsh.py"), str(tmp_path / "harsh"), "--n", "16", "--seed", "3",
                "--eps", "0.2", "--edit-success", "0.5")
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "harsh" / "harsh_executor.json").read_text())["eps_per_constraint"] == 0.2
-    synthesize(SynthConfig(out=str(tmp_path / "plain"), n=16, seed=3, record_calls=True, progress=False),
-               ShapeWorldExecutor(), ShapeWorldController())
+    _synth(tmp_path / "plain", n=16, seed=3, record_calls=True)
 
     def unmet(folder: Path) -> float:
         verdicts = [c for f in folder.glob("calls-*.jsonl") for line in f.read_text().splitlines()
@@ -71,13 +77,9 @@ def test_ship_vlm_exports_a_checkpoint_onto_a_shipped_folder(tmp_path):
 
 
 def test_balance_calls_keeps_every_failure_and_as_many_satisfied_verdicts(tmp_path):
-    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
-    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
     from clvr_agent.training.sft_vlm import load_calls
-    from clvr_agent.training.synth import SynthConfig, synthesize
 
-    synthesize(SynthConfig(out=str(tmp_path / "syn"), n=24, seed=5, record_calls=True, progress=False),
-               ShapeWorldExecutor(), ShapeWorldController())
+    _synth(tmp_path / "syn", n=24, seed=5, record_calls=True)
     res = _run(str(SCRIPTS / "balance_calls.py"), str(tmp_path / "bal"), str(tmp_path / "syn"), "--plans", "3",
                "--correct-repeat", "2")
     assert res.returncode == 0, res.stderr
@@ -139,13 +141,10 @@ def test_swap_calls_pairs_each_verify_text_with_another_canvas_and_the_exact_ver
     from PIL import Image
 
     from clvr_agent.tools.shapeworld.controller import ShapeWorldController
-    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
     from clvr_agent.training.sft_vlm import load_calls
-    from clvr_agent.training.synth import SynthConfig, synthesize
     from clvr_agent.types import Verdict
 
-    synthesize(SynthConfig(out=str(tmp_path / "syn"), n=16, seed=4, record_calls=True, progress=False),
-               ShapeWorldExecutor(), ShapeWorldController())
+    _synth(tmp_path / "syn", n=16, seed=4, record_calls=True)
     res = _run(str(SCRIPTS / "swap_calls.py"), str(tmp_path / "sw"), str(tmp_path / "syn"), "--n", "40", "--seed", "1")
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "sw" / "swap.json").read_text())
@@ -202,14 +201,10 @@ def test_pretrain_vision_trains_the_tower_only_and_writes_a_controller_folder(tm
     import torch
 
     from clvr_agent.tools.qwen3_vl import load_qwen3_vl
-    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
-    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
-    from clvr_agent.training.synth import SynthConfig, synthesize
 
     init = tmp_path / "init"
     _saved_tiny_vlm(init, seed=0)
-    synthesize(SynthConfig(out=str(tmp_path / "syn"), n=16, seed=2, progress=False),
-               ShapeWorldExecutor(), ShapeWorldController())
+    _synth(tmp_path / "syn", n=16, seed=2)
     out = tmp_path / "pv"
     res = _run(str(SCRIPTS / "pretrain_vision.py"), str(init), str(out), str(tmp_path / "syn"), "--steps", "4",
                "--images", "6", "--heldout", "3", "--batch-size", "3", "--eval-every", "2")
@@ -245,13 +240,10 @@ def test_drill_calls_ask_one_object_the_canvas_alone_answers(tmp_path):
     from drill_calls import score
 
     from clvr_agent.tools.shapeworld.controller import ShapeWorldController
-    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
     from clvr_agent.training.sft_vlm import load_calls
-    from clvr_agent.training.synth import SynthConfig, synthesize
     from clvr_agent.types import Verdict
 
-    synthesize(SynthConfig(out=str(tmp_path / "syn"), n=12, seed=4, record_calls=True, progress=False),
-               ShapeWorldExecutor(), ShapeWorldController())
+    _synth(tmp_path / "syn", n=12, seed=4, record_calls=True)
     res = _run(str(SCRIPTS / "drill_calls.py"), str(tmp_path / "dr"), str(tmp_path / "syn"), "--n", "30", "--seed", "1")
     assert res.returncode == 0, res.stderr
     counts = json.loads((tmp_path / "dr" / "drill.json").read_text())["counts"]
@@ -276,14 +268,10 @@ def test_drill_calls_ask_one_object_the_canvas_alone_answers(tmp_path):
 
 def test_pretrain_vision_killed_mid_run_leaves_no_output_folder(tmp_path):
     """A user kills the stage while it trains: OUT is either absent or whole (it is built beside and moved in)."""
-    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
-    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
-    from clvr_agent.training.synth import SynthConfig, synthesize
 
     init = tmp_path / "init"
     _saved_tiny_vlm(init, seed=0)
-    synthesize(SynthConfig(out=str(tmp_path / "syn"), n=16, seed=2, progress=False),
-               ShapeWorldExecutor(), ShapeWorldController())
+    _synth(tmp_path / "syn", n=16, seed=2)
     out = tmp_path / "pv"
     proc = subprocess.Popen([sys.executable, str(SCRIPTS / "pretrain_vision.py"), str(init), str(out),
                              str(tmp_path / "syn"), "--steps", "100000", "--images", "6", "--heldout", "3",
@@ -306,9 +294,6 @@ def test_pretrain_vision_word_head_reads_canvases_through_the_prompt_words(tmp_p
     from pretrain_vision import COLOURS, SHAPES, WordHead, word_ids
 
     from clvr_agent.tools.qwen3_vl import load_qwen3_vl
-    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
-    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
-    from clvr_agent.training.synth import SynthConfig, synthesize
 
     shipped = SCRIPTS.parents[1] / "tools" / "models" / "clvr-mini-vlm"
     model, processor = load_qwen3_vl(str(shipped), torch_dtype="float32", device="cpu")
@@ -321,8 +306,7 @@ def test_pretrain_vision_word_head_reads_canvases_through_the_prompt_words(tmp_p
     assert int(logits[:len(COLOURS)].argmax()) == COLOURS.index("red")
     assert int(logits[len(COLOURS):].argmax()) == SHAPES.index("circle")
 
-    synthesize(SynthConfig(out=str(tmp_path / "syn"), n=16, seed=2, progress=False),
-               ShapeWorldExecutor(), ShapeWorldController())
+    _synth(tmp_path / "syn", n=16, seed=2)
     out = tmp_path / "pw"
     res = _run(str(SCRIPTS / "pretrain_vision.py"), str(shipped), str(out), str(tmp_path / "syn"), "--steps", "2",
                "--images", "6", "--heldout", "3", "--batch-size", "3", "--eval-every", "2", "--word-head")
@@ -349,14 +333,10 @@ def test_drill_learn_trains_the_verdict_token_and_scores_held_out_drills(tmp_pat
     sys.path.insert(0, str(SCRIPTS))
     from drill_learn import answers, auc, auc_interval, balanced
 
-    from clvr_agent.tools.shapeworld.controller import ShapeWorldController
     from clvr_agent.tools.shapeworld.detect import detect
-    from clvr_agent.tools.shapeworld.executor import ShapeWorldExecutor
     from clvr_agent.training.sft_vlm import load_calls
-    from clvr_agent.training.synth import SynthConfig, synthesize
 
-    synthesize(SynthConfig(out=str(tmp_path / "syn"), n=12, seed=4, record_calls=True, progress=False),
-               ShapeWorldExecutor(), ShapeWorldController())
+    _synth(tmp_path / "syn", n=12, seed=4, record_calls=True)
     for name, seed in (("train", "1"), ("held", "2")):
         res = _run(str(SCRIPTS / "drill_calls.py"), str(tmp_path / name), str(tmp_path / "syn"), "--n", "12",
                    "--seed", seed)
