@@ -142,6 +142,19 @@ def learn(vlm: str, train_calls, held_calls, *, label: str, steps: int, batch_si
         enc["labels"][pos] = ids[yes]
         return enc, pos
 
+    cache: dict[int, dict] = {}  # training drills kept encoded (pixels included) for the next epoch, within a budget
+    cache_bytes, budget = 0, 2048 * 2**20
+
+    def train_drill(i: int) -> dict:
+        nonlocal cache_bytes
+        if i in cache:
+            return cache[i]
+        enc = decisive(train_calls[i], train_truth[i])[0]
+        size = sum(v.numel() * v.element_size() for v in enc.values() if hasattr(v, "numel")) + 8 * len(enc["labels"])
+        if cache_bytes + size <= budget:
+            cache[i], cache_bytes = enc, cache_bytes + size
+        return enc
+
     train_truth = answers(train_calls, label)
     held_truth = answers(held_calls, label)
     held = [decisive(c, y) for c, y in zip(held_calls, held_truth)]
@@ -167,7 +180,7 @@ def learn(vlm: str, train_calls, held_calls, *, label: str, steps: int, batch_si
     n_caption = round(caption_share * batch_size)
     for step in range(1, steps + 1):
         idx = [order[i % len(order)] for i in range((step - 1) * batch_size, step * batch_size)]
-        drills = [decisive(train_calls[i], train_truth[i])[0] for i in idx[n_caption:]]
+        drills = [train_drill(i) for i in idx[n_caption:]]
         loss = trainer.loss(col.collate(drills))[0] * len(drills) / batch_size if drills else 0.0
         if n_caption:
             caps = [col.encode(caption_conversation(train_calls[i].image.path)) for i in idx[:n_caption]]
