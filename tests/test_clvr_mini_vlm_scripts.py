@@ -380,3 +380,23 @@ def test_drill_learn_trains_the_verdict_token_and_scores_held_out_drills(tmp_pat
         bad = _run(str(SCRIPTS / "drill_learn.py"), *args)
         assert bad.returncode == 2 and says in bad.stderr, bad.stderr
     assert not (tmp_path / "c.json").exists()
+
+
+def test_drill_learn_killed_mid_run_leaves_no_curve_file(tmp_path):
+    """A user kills drill_learn while it trains: OUT.json is absent, never half written."""
+    _synth(tmp_path / "syn", n=12, seed=4, record_calls=True)
+    for name, seed in (("train", "1"), ("held", "2")):
+        assert _run(str(SCRIPTS / "drill_calls.py"), str(tmp_path / name), str(tmp_path / "syn"), "--n", "8",
+                    "--seed", seed).returncode == 0
+    init = tmp_path / "vlm"
+    _saved_tiny_vlm(init, seed=0)
+    out = tmp_path / "curve.json"
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "drill_learn.py"), str(init), str(tmp_path / "train"),
+                             str(tmp_path / "held"), str(out), "--steps", "100000", "--eval-every", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert '"step": 0' in proc.stdout.readline()  # training has started
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert list(tmp_path.glob("curve.json*")) == []

@@ -32,6 +32,7 @@ import json
 import math
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -231,9 +232,10 @@ def main() -> None:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    tmp = a.out.with_name(a.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(a.out)
+    # written beside and moved in: a kill leaves no half file, two runs on one OUT leave one whole curve
+    with tempfile.NamedTemporaryFile("w", dir=a.out.parent, prefix=a.out.name + ".", delete=False) as tmp:
+        tmp.write(json.dumps(result, indent=2) + "\n")
+    Path(tmp.name).replace(a.out)
     print(json.dumps(result["curve"][-1]))
 
 
